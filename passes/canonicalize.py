@@ -1,0 +1,255 @@
+"""``canonicalize``: remove no-op nodes and recognise composite normalizations.
+
+Runs first and is cheap; no pass needs it for correctness (every pass works on a raw trace too),
+but it makes graphs smaller and uniform:
+
+* no-ops: eval-mode dropout, ``alias``, ``clone``, casts to the dtype a value already has,
+  views/expands/slices that keep the shape, ``x + 0``, ``x * 1``, and ``_assert_tensor_metadata``
+  checks the value's own metadata already proves (they also block ``gm.double()``);
+* RMSNorm written out as Hugging Face Llama does (``to(f32)``, ``pow``, ``mean``, ``add eps``,
+  ``rsqrt``, ``mul``, cast back, ``mul weight``) becomes ``aten.rms_norm`` with the eps it used;
+* LayerNorm written out (``x - mean``, biased variance, ``/ sqrt(var + eps)`` or
+  ``* rsqrt(var + eps)``, optional ``* weight + bias``) becomes ``aten.layer_norm``.
+
+Both recognitions are built bottom-up from small rules (normalize, fold the casts, absorb the
+weight, absorb the bias), so partial forms (no weight, no bias) are recognised too. Values are
+preserved exactly in float32 and float64 up to the reduction order of the fused kernels, which
+the equivalence tests bound with the project's tolerance rule. In float16/bfloat16 the RMSNorm
+cast folding is exact because ``aten.rms_norm`` computes in float32 and casts back, as Llama does.
+
+Invariant established: no ``dropout``/``alias``/no-op nodes; composite norms are single ops; the
+graph's outputs are unchanged. The dead alias ``get_attr`` of a tied embedding is pruned.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from typing import Any, ClassVar
+
+import torch
+import torch.fx
+from torch.fx.experimental.symbolic_shapes import statically_known_true
+
+from rewriter.context import PassContext
+from rewriter.driver import ERASE, Rewriter, RuleSet, apply_rules, emit, rule
+from rewriter.graph import prune_dead_get_attrs
+from rewriter.pattern import Match, P
+from rewriter.pipeline import Pass, PassResult, option
+
+__all__ = ["RULES_NOOPS", "RULES_NORMS", "CanonicalizePass"]
+
+aten = torch.ops.aten
+
+
+# --- predicates ---------------------------------------------------------------------------------
+
+
+def _val(value: Any) -> Any:
+    return value.meta.get("val") if isinstance(value, torch.fx.Node) else None
+
+
+def _same_shape(a: Any, b: Any) -> bool:
+    va, vb = _val(a), _val(b)
+    if not isinstance(va, torch.Tensor) or not isinstance(vb, torch.Tensor) or va.dim() != vb.dim():
+        return False
+    return all(statically_known_true(x == y) for x, y in zip(va.shape, vb.shape))
+
+
+def _same_type(a: Any, b: Any) -> bool:
+    va, vb = _val(a), _val(b)
+    return (
+        isinstance(va, torch.Tensor)
+        and isinstance(vb, torch.Tensor)
+        and va.dtype == vb.dtype
+        and va.device == vb.device
+    )
+
+
+def same_value_type(match: Match) -> bool:
+    """The matched node has the same shape, dtype and device as ``x`` (it is a no-op on x)."""
+    return _same_shape(match.root, match["x"]) and _same_type(match.root, match["x"])
+
+
+def full_slice(match: Match) -> bool:
+    """``slice(x, dim, start, end)`` covers all of dim (start 0, end at or past its size)."""
+    node = match.root
+    x = _val(match["x"])
+    dim, start, end, step = (list(node.args[1:]) + [0, None, None, 1][len(node.args) - 1 :])[:4]
+    if step != 1 or start not in (0, None) or not isinstance(x, torch.Tensor):
+        return False
+    size = x.shape[dim]
+    if isinstance(end, torch.fx.Node):
+        end = _val(end)
+    if end is None or (isinstance(end, int) and end >= sys.maxsize):
+        return True
+    return isinstance(end, (int, torch.SymInt)) and statically_known_true(end >= size)
+
+
+def assert_is_proven(match: Match) -> bool:
+    """``_assert_tensor_metadata(x, dtype=..., device=..., layout=...)`` holds for x's own meta."""
+    node, x = match.root, _val(match["x"])
+    if node.users or not isinstance(x, torch.Tensor):
+        return False
+    checks = {"dtype": x.dtype, "device": x.device, "layout": x.layout}
+    return all(node.kwargs.get(k) in (None, v) for k, v in checks.items()) and len(node.args) == 1
+
+
+def _last_dim_reduction(match: Match) -> bool:
+    dims, x = match["dims"], _val(match["x"])
+    return isinstance(x, torch.Tensor) and len(dims) == 1 and dims[0] % x.dim() == x.dim() - 1
+
+
+def _norm_width(x: Any) -> int | None:
+    val = _val(x)
+    width = val.shape[-1] if isinstance(val, torch.Tensor) else None
+    return width if isinstance(width, int) else None
+
+
+def _is_vector_of(width: int | None, value: Any, dtype: torch.dtype) -> bool:
+    val = _val(value)
+    return (
+        width is not None
+        and isinstance(val, torch.Tensor)
+        and tuple(val.shape) == (width,)
+        and val.dtype == dtype
+    )
+
+
+def norm_is_last_dim(match: Match) -> bool:
+    """The reductions run over the last dim and it has a static width."""
+    return _last_dim_reduction(match) and _norm_width(match["x"]) is not None
+
+
+def weight_fits_norm(match: Match) -> bool:
+    """``w`` is a [d] vector of the norm input's dtype and the norm has no other reader."""
+    norm = match["norm"]
+    x = norm.args[0]
+    return len(norm.users) == 1 and _is_vector_of(_norm_width(x), match["w"], _val(x).dtype)
+
+
+def bias_fits_norm(match: Match) -> bool:
+    """``b`` is a [d] vector of the norm input's dtype and the norm has no other reader."""
+    norm = match["norm"]
+    x = norm.args[0]
+    return len(norm.users) == 1 and _is_vector_of(_norm_width(x), match["b"], _val(x).dtype)
+
+
+def casts_round_trip(match: Match) -> bool:
+    """``to(rms_norm(to(y, f32)), y.dtype)`` with y half precision: rms_norm upcasts itself."""
+    y, norm, outer = _val(match["y"]), match["norm"], match.root
+    inner = norm.args[0]
+    return (
+        isinstance(y, torch.Tensor)
+        and y.dtype in (torch.float16, torch.bfloat16)
+        and _val(inner).dtype == torch.float32
+        and _val(outer).dtype == y.dtype
+        and len(norm.users) == 1
+        and len(inner.users) == 1
+    )
+
+
+# --- rule tables --------------------------------------------------------------------------------
+
+x, w, b, y = P.var("x"), P.var("w"), P.var("b"), P.var("y")
+eps, dims = P.const("eps"), P.var("dims")
+_CASTS = {aten.to.dtype, aten.to.dtype_layout, aten._to_copy.default}
+_VIEWS = {aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.expand.default}
+
+
+def _zero(value: Any) -> bool:
+    return value == 0 and not isinstance(value, bool)
+
+
+def _one(value: Any) -> bool:
+    return value == 1 and not isinstance(value, bool)
+
+
+RULES_NOOPS = RuleSet([
+    rule(P.call(aten.dropout.default, x, P.const(), False), lambda x: x, name="drop-eval-dropout"),  # dropout(x, p, train=False) -> x  # noqa: E501
+    rule(P.call(aten.dropout.default, x, P.const(where=_zero), P.var("train")), lambda x: x, name="drop-zero-dropout"),  # dropout(x, 0, train) -> x  # noqa: E501
+    rule(P.call(aten.alias.default, x), lambda x: x, name="drop-alias"),  # alias(x) -> x
+    rule(P.call(aten.clone.default, x), lambda x: x, name="drop-clone"),  # clone(x) -> x (graphs are functional)  # noqa: E501
+    rule(P.call(_CASTS, x), lambda x: x, name="drop-noop-cast", where=same_value_type),  # to(x, x.dtype) -> x  # noqa: E501
+    rule(P.call(aten.type_as.default, x, P.var("other")), lambda x: x, name="drop-noop-type-as", where=same_value_type),  # type_as(x, same dtype) -> x  # noqa: E501
+    rule(P.call(_VIEWS, x), lambda x: x, name="drop-noop-view", where=same_value_type),  # view(x, x.shape) -> x  # noqa: E501
+    rule(P.call(aten.slice.Tensor, x), lambda x: x, name="drop-full-slice", where=full_slice),  # x[:, 0:end] -> x  # noqa: E501
+    rule(P.call(aten.add.Tensor, x, P.const(where=_zero)), lambda x: x, name="drop-add-zero", where=same_value_type),  # x + 0 -> x  # noqa: E501
+    rule(P.call(aten.sub.Tensor, x, P.const(where=_zero)), lambda x: x, name="drop-sub-zero", where=same_value_type),  # x - 0 -> x  # noqa: E501
+    rule(P.call(aten.mul.Tensor, x, P.const(where=_one), commutative=True), lambda x: x, name="drop-mul-one", where=same_value_type),  # x * 1 -> x  # noqa: E501
+    rule(P.call(aten.div.Tensor, x, P.const(where=_one)), lambda x: x, name="drop-div-one", where=same_value_type),  # x / 1 -> x  # noqa: E501
+    rule(P.call(aten._assert_tensor_metadata.default, x), lambda: ERASE, name="drop-proven-assert", where=assert_is_proven),  # assert(x has x's dtype) -> nothing  # noqa: E501
+])
+
+
+def normalize_rms(x: torch.fx.Node, eps: float) -> Any:
+    return emit(aten.rms_norm.default, x, [_norm_width(x)], None, float(eps))
+
+
+def normalize_layer(x: torch.fx.Node, eps: float) -> Any:
+    return emit(aten.layer_norm.default, x, [_norm_width(x)], None, None, float(eps))
+
+
+def fold_rms_casts(y: torch.fx.Node, norm: torch.fx.Node) -> Any:
+    return emit(aten.rms_norm.default, y, norm.args[1], None, norm.args[3])
+
+
+def absorb_rms_weight(norm: torch.fx.Node, w: torch.fx.Node) -> Any:
+    return emit(aten.rms_norm.default, norm.args[0], norm.args[1], w, norm.args[3])
+
+
+def absorb_layer_weight(norm: torch.fx.Node, w: torch.fx.Node) -> Any:
+    return emit(aten.layer_norm.default, norm.args[0], norm.args[1], w, None, norm.args[4])
+
+
+def absorb_layer_bias(norm: torch.fx.Node, b: torch.fx.Node) -> Any:
+    return emit(aten.layer_norm.default, norm.args[0], norm.args[1], norm.args[2], b, norm.args[4])
+
+
+_square = P.call(aten.pow.Tensor_Scalar, x, 2) | P.call(aten.mul.Tensor, x, x)
+_mean_square = P.call(aten.mean.dim, _square, dims, True)
+_mean = P.call(aten.mean.dim, x, dims, True, name="u")
+_centered = P.call(aten.sub.Tensor, x, _mean)
+_variance = P.any_of(
+    P.call(aten.mean.dim, P.call(aten.pow.Tensor_Scalar, _centered, 2), dims, True),
+    P.call(aten.mean.dim, P.call(aten.mul.Tensor, _centered, _centered), dims, True),
+    P.call(aten.var.correction, x, dims, correction=0, keepdim=True),
+)
+_rms_no_affine = P.call(aten.rms_norm.default, P.var("inner"), P.var("shape"), None, name="norm")
+_ln_no_affine = P.call(aten.layer_norm.default, x, P.var("shape"), None, None, name="norm")
+_ln_no_bias = P.call(aten.layer_norm.default, x, P.var("shape"), P.var("gamma"), None, name="norm")
+
+RULES_NORMS = RuleSet([
+    rule(P.call(aten.mul.Tensor, x, P.call(aten.rsqrt.default, P.call(aten.add.Tensor, _mean_square, eps)), commutative=True), normalize_rms, name="recognize-rms-norm", where=norm_is_last_dim),  # x * rsqrt(mean(x^2) + eps) -> rms_norm(x)  # noqa: E501
+    rule(P.call(aten.div.Tensor, x, P.call(aten.sqrt.default, P.call(aten.add.Tensor, _mean_square, eps))), normalize_rms, name="recognize-rms-norm-div", where=norm_is_last_dim),  # x / sqrt(mean(x^2) + eps) -> rms_norm(x)  # noqa: E501
+    rule(P.call(_CASTS, P.call(aten.rms_norm.default, P.call(_CASTS, y), P.var("shape"), None, name="norm")), fold_rms_casts, name="fold-rms-norm-casts", where=casts_round_trip),  # to(rms_norm(to(y, f32)), y.dtype) -> rms_norm(y)  # noqa: E501
+    rule(P.call(aten.mul.Tensor, _rms_no_affine, w, commutative=True), absorb_rms_weight, name="absorb-rms-norm-weight", where=weight_fits_norm),  # rms_norm(x) * w -> rms_norm(x, w)  # noqa: E501
+    rule(P.call(aten.div.Tensor, _centered, P.call(aten.sqrt.default, P.call(aten.add.Tensor, _variance, eps))), normalize_layer, name="recognize-layer-norm", where=norm_is_last_dim),  # (x - mean) / sqrt(var + eps) -> layer_norm(x)  # noqa: E501
+    rule(P.call(aten.mul.Tensor, _centered, P.call(aten.rsqrt.default, P.call(aten.add.Tensor, _variance, eps)), commutative=True), normalize_layer, name="recognize-layer-norm-rsqrt", where=norm_is_last_dim),  # (x - mean) * rsqrt(var + eps) -> layer_norm(x)  # noqa: E501
+    rule(P.call(aten.mul.Tensor, _ln_no_affine, w, commutative=True), absorb_layer_weight, name="absorb-layer-norm-weight", where=weight_fits_norm),  # layer_norm(x) * w -> layer_norm(x, w)  # noqa: E501
+    rule(P.call(aten.add.Tensor, _ln_no_bias, b, commutative=True), absorb_layer_bias, name="absorb-layer-norm-bias", where=bias_fits_norm),  # layer_norm(x, w) + b -> layer_norm(x, w, b)  # noqa: E501
+])
+
+
+@dataclasses.dataclass(frozen=True)
+class CanonicalizePass(Pass):
+    """Remove dropout, aliases and no-ops; recognise composite RMSNorm and LayerNorm."""
+
+    name: ClassVar[str] = "canonicalize"
+
+    norms: bool = option(True, "Recognise written-out RMSNorm / LayerNorm as single ops.")
+    max_iterations: int = option(10, "Bound on rule sweeps over the graph (fixpoint iteration).")
+
+    def run(self, gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
+        rw = Rewriter(gm, pass_name=self.name)
+        rules = RULES_NOOPS + RULES_NORMS if self.norms else RULES_NOOPS
+        stats = apply_rules(rw, rules, max_iterations=self.max_iterations)
+        pruned = prune_dead_get_attrs(gm)
+        rw.finish(prune_weights=False)
+        counts = dict(stats.fired)
+        notes = []
+        if pruned:
+            counts["prune-dead-weight"] = len(pruned)
+        if not stats.converged:
+            notes.append(f"no fixpoint after {stats.iterations} sweeps (raise max_iterations)")
+        return PassResult(gm, changed=bool(counts), stats=counts, notes=notes)

@@ -1,0 +1,81 @@
+"""rewriter: compiler-style, verified graph rewriting of transformer models over torch.fx.
+
+Trace a model once, rewrite the graph with composable passes, verify the result against the
+model, and export it::
+
+    import rewriter
+
+    gm = rewriter.trace(model, (input_ids,), dynamic_shapes="auto")
+    ctx = rewriter.PassContext(calibration=text, tokenizer=tokenizer, seed=0)
+    result = rewriter.Pipeline.parse("canonicalize").run(gm, ctx)
+    print(result.report.table())
+    rewriter.verify.assert_equivalent(model, result.graph_module)
+
+This module is the facade: it re-exports the public names of the core and is, with the CLI,
+the only core module that reaches up into ``rewriter.passes``.
+"""
+
+from __future__ import annotations
+
+from rewriter import ops, verify
+from rewriter.context import PassContext
+from rewriter.errors import (
+    LoweringError,
+    PassError,
+    PreconditionError,
+    RewriterError,
+    SpecError,
+    TraceError,
+)
+from rewriter.graph import format_graph
+from rewriter.pipeline import Pass, PassResult, Pipeline, PipelineResult, Report, option
+from rewriter.spec import Budget
+from rewriter.store import Edit, weights
+from rewriter.trace import TraceInfo, trace, trace_info
+from rewriter.train import TrainReport, train
+
+__version__ = "0.1.0"
+
+
+def register_pass(cls: type) -> type:
+    """Register a third-party pass so its name works in pipeline specs (see rewriter.passes)."""
+    from rewriter.passes import register_pass as _register
+
+    return _register(cls)
+
+
+def available_passes() -> list[str]:
+    """Names of every registered pass."""
+    from rewriter.passes import available
+
+    return available()
+
+
+__all__ = [
+    "Budget",
+    "Edit",
+    "LoweringError",
+    "Pass",
+    "PassContext",
+    "PassError",
+    "PassResult",
+    "Pipeline",
+    "PipelineResult",
+    "PreconditionError",
+    "Report",
+    "RewriterError",
+    "SpecError",
+    "TraceError",
+    "TraceInfo",
+    "TrainReport",
+    "available_passes",
+    "format_graph",
+    "ops",
+    "option",
+    "register_pass",
+    "trace",
+    "trace_info",
+    "train",
+    "verify",
+    "weights",
+]

@@ -1,0 +1,149 @@
+"""The explicit context passes run in: data, tokenizer, seed and settings.
+
+Passes hold no state between runs; everything ambient travels in a :class:`PassContext`.
+Calibration and evaluation data can be given as text (tokenized with ``tokenizer``) or as token
+id batches, and every pass gets them the same way through :meth:`PassContext.batches`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Any, TypeVar
+
+import torch
+
+from rewriter.errors import RewriterError
+
+__all__ = ["PassContext", "progress"]
+
+T = TypeVar("T")
+
+
+@dataclasses.dataclass
+class PassContext:
+    """Data and settings for a pipeline run.
+
+    Example::
+
+        >>> ctx = rewriter.PassContext(calibration=text, tokenizer=tok, seed=0)
+        >>> batches = ctx.batches("calibration", seq_len=128, batch_size=4)
+    """
+
+    calibration: Any = None
+    """Calibration data: text (str or list of str) or token ids (a [B, T] tensor or a list)."""
+    evaluation: Any = None
+    """Evaluation data in the same forms (perplexity in reports, budgets)."""
+    tokenizer: Any = None
+    """Tokenizer for text data: Hugging Face ``PreTrainedTokenizer`` or ``tokenizers.Tokenizer``."""
+    seed: int = 0
+    """Seed for everything random a pass does (it uses its own generator, never the global one)."""
+    progress: bool = True
+    """Show progress bars for long work (calibration, fitting, training)."""
+    device: str = "cpu"
+    """Device for work a pass does on data (calibration forward passes, fitting)."""
+    example_inputs: tuple[torch.Tensor, ...] | None = None
+    """Inputs for the per-pass error column; default: the inputs the graph was traced with."""
+    verify_each: bool = False
+    """After each exact pass, check equivalence with hypothesis-drawn inputs (slower)."""
+    print_after: str | None = None
+    """Print the graph after each pass: ``"all"`` or ``"changed"``."""
+    reproducer_dir: str | None = None
+    """If set, a failing pass saves its input graph and the spec here."""
+    seq_len: int = 128
+    """Default sequence length when text is cut into batches."""
+    batch_size: int = 8
+    """Default batch size when text is cut into batches."""
+
+    def has(self, kind: str) -> bool:
+        return getattr(self, kind) is not None
+
+    def require(self, kind: str, pass_name: str) -> Any:
+        """The ``kind`` data, or an error telling the user which context field to fill."""
+        value = getattr(self, kind)
+        if value is None:
+            raise RewriterError(
+                f"pass '{pass_name}' needs {kind} data: give PassContext({kind}=...) "
+                f"(text with a tokenizer, or token id batches)"
+                + (" or --calib on the command line" if kind == "calibration" else "")
+            )
+        return value
+
+    def batches(
+        self,
+        kind: str = "calibration",
+        *,
+        seq_len: int | None = None,
+        batch_size: int | None = None,
+        limit: int | None = None,
+        pass_name: str = "",
+    ) -> list[torch.Tensor]:
+        """The ``kind`` data as a list of [B, T] token id tensors."""
+        data = self.require(kind, pass_name or "this pass")
+        seq_len = seq_len or self.seq_len
+        batch_size = batch_size or self.batch_size
+        if isinstance(data, str) or (
+            isinstance(data, Sequence) and data and all(isinstance(d, str) for d in data)
+        ):
+            ids = self.encode(data if isinstance(data, str) else "\n".join(data))
+            result = _chunk(ids, seq_len, batch_size)
+        elif isinstance(data, torch.Tensor):
+            result = list(data.split(batch_size)) if data.dim() == 2 else [data.unsqueeze(0)]
+        else:
+            result = [torch.as_tensor(b) for b in data]
+        if not result:
+            raise RewriterError(f"{kind} data is too short for one batch of {seq_len} tokens")
+        return result[:limit] if limit is not None else result
+
+    def encode(self, text: str) -> torch.Tensor:
+        """Token ids of ``text`` with the context's tokenizer."""
+        if self.tokenizer is None:
+            raise RewriterError("text data needs a tokenizer: give PassContext(tokenizer=...)")
+        # Both Hugging Face tokenizers and tokenizers.Tokenizer have encode(); the latter
+        # returns an Encoding whose ids are in .ids.
+        encoded = self.tokenizer.encode(text)
+        ids = getattr(encoded, "ids", encoded)
+        return torch.tensor(ids, dtype=torch.long)
+
+    def generator(self, offset: int = 0) -> torch.Generator:
+        """A CPU generator seeded from the context's seed (plus ``offset``)."""
+        return torch.Generator().manual_seed(self.seed + offset)
+
+
+def _chunk(ids: torch.Tensor, seq_len: int, batch_size: int) -> list[torch.Tensor]:
+    blocks = ids.numel() // seq_len
+    if blocks == 0:
+        return []
+    rows = ids[: blocks * seq_len].view(blocks, seq_len)
+    return list(rows.split(batch_size))
+
+
+def progress(
+    items: Iterable[T], *, total: int | None = None, description: str = "", enabled: bool = True
+) -> Iterator[T]:
+    """Iterate with a progress bar (rich) unless disabled or ``REWRITER_NO_PROGRESS`` is set."""
+    if not enabled or os.environ.get("REWRITER_NO_PROGRESS"):
+        yield from items
+        return
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    columns = (
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+    )
+    with Progress(*columns, transient=True) as bar:
+        task = bar.add_task(description, total=total)
+        for item in items:
+            yield item
+            bar.advance(task)

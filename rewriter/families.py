@@ -1,0 +1,260 @@
+"""Small models of each architecture family, built from configs, for tests, fuzzing and benchmarks.
+
+A :class:`ModelSpec` is a plain, hashable description (family, sizes, switches, seed) that builds a
+real model class: Hugging Face ``GPT2LMHeadModel``, ``OPTForCausalLM``, ``GPTNeoXForCausalLM``,
+``BloomForCausalLM``, ``LlamaForCausalLM``, ``BertForMaskedLM``, or a Pre-LN
+``nn.TransformerEncoder`` language model. Nothing is downloaded.
+
+Random initialisation is too tame to find numerical mistakes (unit gammas, zero biases, tiny
+means), so :meth:`ModelSpec.build` always randomises norm affines and biases, and with
+``outliers=True`` it also injects what trained models have: outlier channels with large
+activations, per-token offsets along the all-ones direction, and larger weights.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = ["FAMILIES", "EncoderLM", "ModelSpec"]
+
+FAMILIES = ("gpt2", "opt", "gpt_neox", "bloom", "llama", "bert", "tenc")
+"""The architecture families every exact pass is property-tested on."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+    """A small model of one family; hashable, so traced graphs can be cached per spec."""
+
+    family: str
+    layers: int = 2
+    heads: int = 2
+    head_dim: int = 8
+    vocab: int = 96
+    ffn_mult: int = 2
+    tied: bool = True
+    bias: bool = True
+    seed: int = 0
+    outliers: bool = False
+    dtype: torch.dtype = torch.float32
+    max_positions: int = 64
+    options: tuple[tuple[str, Any], ...] = ()
+    """Family switches, e.g. ``(("use_parallel_residual", False),)`` or ``(("attn", "eager"),)``."""
+
+    @property
+    def hidden(self) -> int:
+        return self.heads * self.head_dim
+
+    def option(self, key: str, default: Any = None) -> Any:
+        return dict(self.options).get(key, default)
+
+    def with_options(self, **options: Any) -> ModelSpec:
+        merged = dict(self.options) | options
+        return dataclasses.replace(self, options=tuple(sorted(merged.items())))
+
+    def config(self) -> Any:
+        """The Hugging Face config (None for ``tenc``)."""
+        if self.family not in FAMILIES:
+            raise ValueError(f"unknown family '{self.family}' (known: {', '.join(FAMILIES)})")
+        return _CONFIGS[self.family](self) if self.family != "tenc" else None
+
+    def build(self) -> nn.Module:
+        """The model in eval mode, deterministically initialised from ``seed``."""
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.seed)
+            if self.family == "tenc":
+                model: nn.Module = EncoderLM(self)
+            else:
+                model = _build_hf(self)
+            generator = torch.Generator().manual_seed(self.seed + 1)
+            _randomize_affines(model, generator)
+            if self.outliers:
+                _inject_outliers(model, generator, self)
+        return model.to(self.dtype).eval()
+
+    def example_inputs(self, batch: int = 2, seq: int = 8, seed: int = 0) -> tuple[torch.Tensor]:
+        """Token ids ``(batch, seq)`` in range."""
+        generator = torch.Generator().manual_seed(seed)
+        return (torch.randint(0, self.vocab, (batch, seq), generator=generator),)
+
+
+def _gpt2(spec: ModelSpec) -> Any:
+    from transformers import GPT2Config
+
+    return GPT2Config(
+        n_embd=spec.hidden, n_layer=spec.layers, n_head=spec.heads, vocab_size=spec.vocab,
+        n_positions=spec.max_positions, n_inner=spec.ffn_mult * spec.hidden,
+        tie_word_embeddings=spec.tied, bos_token_id=0, eos_token_id=0,
+    )
+
+
+def _opt(spec: ModelSpec) -> Any:
+    from transformers import OPTConfig
+
+    return OPTConfig(
+        hidden_size=spec.hidden, num_hidden_layers=spec.layers, num_attention_heads=spec.heads,
+        ffn_dim=spec.ffn_mult * spec.hidden, vocab_size=spec.vocab,
+        max_position_embeddings=spec.max_positions,
+        word_embed_proj_dim=spec.option("word_embed_proj_dim", spec.hidden),
+        do_layer_norm_before=spec.option("do_layer_norm_before", True),
+        enable_bias=spec.bias, tie_word_embeddings=spec.tied,
+        pad_token_id=1, bos_token_id=0, eos_token_id=0,
+    )
+
+
+def _gpt_neox(spec: ModelSpec) -> Any:
+    from transformers import GPTNeoXConfig
+
+    return GPTNeoXConfig(
+        hidden_size=spec.hidden, num_hidden_layers=spec.layers, num_attention_heads=spec.heads,
+        intermediate_size=spec.ffn_mult * spec.hidden, vocab_size=spec.vocab,
+        max_position_embeddings=spec.max_positions,
+        use_parallel_residual=spec.option("use_parallel_residual", True),
+        attention_bias=spec.bias, tie_word_embeddings=spec.tied, bos_token_id=0, eos_token_id=0,
+    )
+
+
+def _bloom(spec: ModelSpec) -> Any:
+    from transformers import BloomConfig
+
+    return BloomConfig(
+        hidden_size=spec.hidden, n_layer=spec.layers, n_head=spec.heads, vocab_size=spec.vocab,
+        apply_residual_connection_post_layernorm=spec.option("post_layernorm", False),
+        tie_word_embeddings=spec.tied, bos_token_id=0, eos_token_id=0, pad_token_id=0,
+    )
+
+
+def _llama(spec: ModelSpec) -> Any:
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        hidden_size=spec.hidden, num_hidden_layers=spec.layers, num_attention_heads=spec.heads,
+        num_key_value_heads=spec.option("kv_heads", spec.heads), head_dim=spec.head_dim,
+        intermediate_size=spec.ffn_mult * spec.hidden, vocab_size=spec.vocab,
+        max_position_embeddings=spec.max_positions, attention_bias=spec.bias,
+        mlp_bias=spec.bias, tie_word_embeddings=spec.tied, bos_token_id=0, eos_token_id=0,
+        pad_token_id=0,
+    )
+
+
+def _bert(spec: ModelSpec) -> Any:
+    from transformers import BertConfig
+
+    return BertConfig(
+        hidden_size=spec.hidden, num_hidden_layers=spec.layers, num_attention_heads=spec.heads,
+        intermediate_size=spec.ffn_mult * spec.hidden, vocab_size=spec.vocab,
+        max_position_embeddings=spec.max_positions, tie_word_embeddings=spec.tied,
+        pad_token_id=0,
+    )
+
+
+_CONFIGS = {
+    "gpt2": _gpt2,
+    "opt": _opt,
+    "gpt_neox": _gpt_neox,
+    "bloom": _bloom,
+    "llama": _llama,
+    "bert": _bert,
+}
+
+_CLASSES = {
+    "gpt2": "GPT2LMHeadModel",
+    "opt": "OPTForCausalLM",
+    "gpt_neox": "GPTNeoXForCausalLM",
+    "bloom": "BloomForCausalLM",
+    "llama": "LlamaForCausalLM",
+    "bert": "BertForMaskedLM",
+}
+
+
+def _build_hf(spec: ModelSpec) -> nn.Module:
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    config = spec.config()
+    attn = spec.option("attn")
+    if attn is not None:
+        config._attn_implementation = attn
+    cls = getattr(transformers, _CLASSES[spec.family])
+    return cls(config)
+
+
+class EncoderLM(nn.Module):
+    """Embedding, a Pre-LN ``nn.TransformerEncoder`` with a final LayerNorm, and a linear head."""
+
+    def __init__(self, spec: ModelSpec) -> None:
+        super().__init__()
+        d = spec.hidden
+        self.embed = nn.Embedding(spec.vocab, d)
+        layer = nn.TransformerEncoderLayer(
+            d, spec.heads, dim_feedforward=spec.ffn_mult * d, dropout=0.1,
+            activation="gelu", batch_first=True, norm_first=True, bias=spec.bias,
+        )
+        self.encoder = nn.TransformerEncoder(
+            layer, spec.layers, norm=nn.LayerNorm(d), enable_nested_tensor=False
+        )
+        self.head = nn.Linear(d, spec.vocab, bias=spec.bias)
+        if spec.tied:
+            self.head.weight = self.embed.weight
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.head(self.encoder(self.embed(input_ids)))
+
+
+_NORMS = (nn.LayerNorm,)
+
+
+def _is_norm(module: nn.Module) -> bool:
+    name = type(module).__name__
+    return isinstance(module, _NORMS) or name.endswith(("RMSNorm", "LayerNorm"))
+
+
+@torch.no_grad()
+def _randomize_affines(model: nn.Module, generator: torch.Generator) -> None:
+    """Norm gains in U[0.5, 1.5], norm biases N(0, 0.2), linear biases N(0, 0.1)."""
+    for module in model.modules():
+        weight = getattr(module, "weight", None)
+        bias = getattr(module, "bias", None)
+        if _is_norm(module):
+            if isinstance(weight, torch.Tensor):
+                weight.copy_(torch.rand(weight.shape, generator=generator) + 0.5)
+            if isinstance(bias, torch.Tensor):
+                bias.copy_(0.2 * torch.randn(bias.shape, generator=generator))
+        elif isinstance(bias, torch.Tensor) and bias.dim() == 1:
+            bias.copy_(0.1 * torch.randn(bias.shape, generator=generator))
+    for name, param in model.named_parameters():
+        # Fused attention projections in nn.MultiheadAttention are parameters, not modules.
+        if name.endswith("in_proj_bias"):
+            param.copy_(0.1 * torch.randn(param.shape, generator=generator))
+
+
+@torch.no_grad()
+def _inject_outliers(model: nn.Module, generator: torch.Generator, spec: ModelSpec) -> None:
+    """Large weights, per-token offsets and a few outlier channels (as in trained models)."""
+    hidden = spec.hidden
+    channels = torch.randperm(hidden, generator=generator)[: max(1, hidden // 16)]
+    embeddings = [m for m in model.modules() if isinstance(m, nn.Embedding)]
+    for module in model.modules():
+        if _is_norm(module):
+            weight = getattr(module, "weight", None)
+            if isinstance(weight, torch.Tensor) and weight.shape[-1] == hidden:
+                weight[..., channels] *= 8.0
+        elif isinstance(getattr(module, "weight", None), torch.Tensor) and not isinstance(
+            module, nn.Embedding
+        ):
+            weight = module.weight
+            if weight.dim() == 2:
+                weight.mul_(3.0)
+    for embedding in embeddings:
+        table = embedding.weight
+        table.add_(torch.randn(table.shape[0], 1, generator=generator))
+        if table.shape[1] == hidden:
+            table[:, channels] *= 12.0
+    scale = math.sqrt(3.0)
+    for name, param in model.named_parameters():
+        if name.endswith("in_proj_weight"):
+            param.mul_(scale)

@@ -1,0 +1,469 @@
+"""Property-based verification: is a rewritten graph equivalent to the model it came from?
+
+Public API, used by the test suite and by users who write their own passes:
+
+* :func:`tolerance` is the one rule for "exact": max abs error ``<= 1e-5 * max|ref| + 1e-6`` in
+  float32 and ``<= 1e-10 * max|ref|`` in float64 (bfloat16 / float16 get ``1e-2 * max|ref| +
+  1e-3``, the precision of those types).
+* :func:`inputs` is a hypothesis strategy of valid inputs for a traced graph: token ids in the
+  embedding's range, 0/1 attention masks with padding, float tensors, dynamic dims within their
+  proven ranges (and the model's position limit).
+* :func:`compare` runs a reference and a candidate on the same inputs and returns an
+  :class:`ErrorReport`; approximate passes report it.
+* :func:`assert_equivalent` checks the example inputs, then hypothesis-drawn ones, and fails with
+  the shrunk counterexample and its error statistics.
+* :func:`model_specs` draws random model configs per family (``outliers=True`` injects outlier
+  channels and large activations); see :mod:`rewriter.families`.
+
+Writing your own property test::
+
+    from hypothesis import given
+    import rewriter
+    from rewriter import verify
+
+    @given(spec=verify.model_specs("gpt2", outliers=True))
+    def test_my_pass(spec):
+        model = spec.build()
+        gm = rewriter.trace(model, spec.example_inputs(), dynamic_shapes="auto")
+        out = rewriter.Pipeline.parse("canonicalize,my-pass").run(gm).graph_module
+        verify.assert_equivalent(model, out, max_examples=5)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.fx
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from torch.utils import _pytree as pytree
+
+from rewriter.families import FAMILIES, ModelSpec
+from rewriter.graph import look_back
+from rewriter.trace import TraceInfo, trace_info
+
+__all__ = [
+    "ErrorReport",
+    "InputSpec",
+    "assert_equivalent",
+    "compare",
+    "input_specs",
+    "inputs",
+    "model_specs",
+    "outputs",
+    "run",
+    "tolerance",
+]
+
+aten = torch.ops.aten
+
+
+# --- the tolerance rule ------------------------------------------------------------------------
+
+
+def tolerance(reference: torch.Tensor, *, rtol: float | None = None, atol: float | None = None) -> float:
+    """Largest allowed max-abs error against ``reference`` (the project's one rule)."""
+    default_rtol, default_atol = _DEFAULTS.get(reference.dtype, (1e-5, 1e-6))
+    rtol = default_rtol if rtol is None else rtol
+    atol = default_atol if atol is None else atol
+    scale = float(reference.detach().abs().max()) if reference.numel() else 0.0
+    return rtol * scale + atol
+
+
+_DEFAULTS = {
+    torch.float64: (1e-10, 0.0),
+    torch.float32: (1e-5, 1e-6),
+    torch.bfloat16: (1e-2, 1e-3),
+    torch.float16: (1e-2, 1e-3),
+}
+
+
+@dataclasses.dataclass
+class ErrorReport:
+    """Error of a candidate against a reference, over every floating output."""
+
+    max_abs: float
+    max_rel: float
+    mean_abs: float
+    ref_max: float
+    allowed: float
+    """The tolerance the max abs error is held to (the tightest over outputs)."""
+    worst_output: int
+    outputs: int
+    exact_outputs: int = 0
+    """Integer / bool outputs, compared for equality."""
+    mismatched_exact: int = 0
+    within: bool = True
+    """Every floating output is within its own tolerance."""
+
+    @property
+    def ok(self) -> bool:
+        return self.within and self.mismatched_exact == 0 and not math.isnan(self.max_abs)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self) | {"ok": self.ok}
+
+    def __str__(self) -> str:
+        verdict = "within" if self.ok else "EXCEEDS"
+        text = (
+            f"max abs {self.max_abs:.3g} ({verdict} tolerance; worst output allows "
+            f"{self.allowed:.3g}), max rel {self.max_rel:.3g}, "
+            f"mean abs {self.mean_abs:.3g}, max |ref| {self.ref_max:.3g}, worst output "
+            f"#{self.worst_output} of {self.outputs}"
+        )
+        if self.mismatched_exact:
+            text += f", {self.mismatched_exact} integer outputs differ"
+        return text
+
+
+# --- running references and candidates ---------------------------------------------------------
+
+
+def outputs(value: Any) -> list[torch.Tensor]:
+    """The tensors in a (possibly nested) model output, in pytree order."""
+    return [leaf for leaf in pytree.tree_leaves(value) if isinstance(leaf, torch.Tensor)]
+
+
+def run(model: torch.nn.Module, inputs: Sequence[torch.Tensor], info: TraceInfo | None) -> Any:
+    """Call ``model`` on flat ``inputs`` the way it was traced (names, bound kwargs)."""
+    own_info = trace_info(model) if isinstance(model, torch.fx.GraphModule) else None
+    info = own_info or info
+    with torch.no_grad():
+        if info is None:
+            return model(*inputs)
+        args, kwargs = info.call_inputs(inputs)
+        if own_info is None:
+            kwargs = {**kwargs, **info.bound_kwargs}
+        return model(*args, **kwargs)
+
+
+def compare(
+    reference: torch.nn.Module,
+    candidate: torch.nn.Module,
+    inputs: Sequence[torch.Tensor] | None = None,
+    *,
+    rtol: float | None = None,
+    atol: float | None = None,
+) -> ErrorReport:
+    """Run both on ``inputs`` (default: the trace's example inputs) and measure the error."""
+    info = _info_of(reference, candidate)
+    if inputs is None:
+        if info is None:
+            raise ValueError("compare() needs inputs when neither model is a traced graph")
+        inputs = info.example_inputs
+    ref = outputs(run(reference, inputs, info))
+    out = outputs(run(candidate, inputs, info))
+    return _error(ref, out, rtol, atol)
+
+
+def _info_of(*models: torch.nn.Module) -> TraceInfo | None:
+    for model in models:
+        if isinstance(model, torch.fx.GraphModule) and (info := trace_info(model)) is not None:
+            return info
+    return None
+
+
+def _error(
+    ref: list[torch.Tensor], out: list[torch.Tensor], rtol: float | None, atol: float | None
+) -> ErrorReport:
+    """Each floating output is held to its own tolerance; integer outputs must be equal."""
+    if len(ref) != len(out):
+        raise AssertionError(f"reference has {len(ref)} outputs, candidate {len(out)}")
+    max_abs = max_rel = ref_max = total_abs = 0.0
+    count = exact = mismatched = worst = 0
+    worst_ratio, allowed, violated = -1.0, 0.0, False
+    for i, (r, c) in enumerate(zip(ref, out)):
+        if r.shape != c.shape:
+            raise AssertionError(f"output #{i}: shape {tuple(c.shape)} != reference {tuple(r.shape)}")
+        if not r.is_floating_point():
+            exact += 1
+            mismatched += int(not torch.equal(r, c))
+            continue
+        diff = (c.to(torch.float64) - r.to(torch.float64)).abs()
+        scale = float(r.abs().max()) if r.numel() else 0.0
+        error = float(diff.max()) if diff.numel() else 0.0
+        if diff.numel() and bool(torch.isnan(diff).any()):
+            error = math.nan
+        limit = tolerance(r, rtol=rtol, atol=atol)
+        ratio = math.inf if math.isnan(error) else (
+            error / limit if limit > 0 else (math.inf if error > 0 else 0.0)
+        )
+        violated |= math.isnan(error) or error > limit
+        if ratio > worst_ratio:
+            worst_ratio, worst, allowed = ratio, i, limit
+        max_abs = math.nan if math.isnan(error) or math.isnan(max_abs) else max(max_abs, error)
+        max_rel = max(max_rel, error / scale if scale > 0 else (0.0 if error == 0 else math.inf))
+        ref_max = max(ref_max, scale)
+        total_abs += float(diff.nan_to_num(0.0).sum())
+        count += diff.numel()
+    return ErrorReport(
+        max_abs=max_abs,
+        max_rel=max_rel,
+        mean_abs=total_abs / count if count else 0.0,
+        ref_max=ref_max,
+        allowed=allowed,
+        worst_output=worst,
+        outputs=len(ref),
+        exact_outputs=exact,
+        mismatched_exact=mismatched,
+        within=not violated,
+    )
+
+
+# --- input strategies -----------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class InputSpec:
+    """What a valid value of one graph input looks like."""
+
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int | str, ...]
+    """Static sizes, or the name of a dynamic dim."""
+    kind: str
+    """``"tokens"`` (ids below ``high``), ``"mask"`` (0/1 with padding), ``"int"`` or ``"float"``."""
+    high: int = 2
+
+
+def input_specs(gm: torch.fx.GraphModule) -> list[InputSpec]:
+    """One :class:`InputSpec` per graph input, from the placeholders and their uses."""
+    info = trace_info(gm)
+    names = info.input_names if info is not None else None
+    placeholders = list(gm.graph.find_nodes(op="placeholder"))
+    dim_names = _dim_names(info, placeholders)
+    specs = []
+    for i, node in enumerate(placeholders):
+        val = node.meta.get("val")
+        if not isinstance(val, torch.Tensor):
+            continue
+        name = names[i] if names is not None and i < len(names) else node.name
+        shape = tuple(
+            dim_names.get(str(d.node.expr), str(d.node.expr)) if isinstance(d, torch.SymInt) else int(d)
+            for d in val.shape
+        )
+        specs.append(_classify(gm, node, name, val.dtype, shape))
+    return specs
+
+
+def _dim_names(info: TraceInfo | None, placeholders: list[torch.fx.Node]) -> dict[str, str]:
+    names: dict[str, str] = {}
+    if info is None:
+        return names
+    for input_name, node in zip(info.input_names, placeholders):
+        val = node.meta.get("val")
+        for axis, dim_name in info.dynamic_dims.get(input_name, {}).items():
+            size = val.shape[axis]
+            if isinstance(size, torch.SymInt):
+                names.setdefault(str(size.node.expr), dim_name)
+    return names
+
+
+def _classify(
+    gm: torch.fx.GraphModule, node: torch.fx.Node, name: str, dtype: torch.dtype, shape: tuple
+) -> InputSpec:
+    if dtype.is_floating_point:
+        return InputSpec(name, dtype, shape, "float")
+    rows = _embedding_rows(node)
+    if rows is not None:
+        return InputSpec(name, dtype, shape, "tokens", rows)
+    if "mask" in name or dtype == torch.bool:
+        return InputSpec(name, dtype, shape, "mask")
+    return InputSpec(name, dtype, shape, "int", 2)
+
+
+def _embedding_rows(node: torch.fx.Node) -> int | None:
+    """Rows of the embedding tables the input indexes (the smallest, if several)."""
+    rows = []
+    stack, seen = [node], set()
+    while stack:
+        current = stack.pop()
+        if current in seen:
+            continue
+        seen.add(current)
+        for user in current.users:
+            if user.op != "call_function":
+                continue
+            if user.target == aten.embedding.default and look_back(user.args[1]) is look_back(current):
+                table = user.args[0].meta.get("val")
+                if table is not None:
+                    rows.append(int(table.shape[0]))
+            elif user.target in (aten.view.default, aten.reshape.default, aten.unsqueeze.default,
+                                 aten.expand.default, aten.to.dtype, aten._to_copy.default,
+                                 aten.clone.default, aten.alias.default, aten.slice.Tensor):
+                stack.append(user)
+    return min(rows) if rows else None
+
+
+def inputs(
+    gm: torch.fx.GraphModule,
+    *,
+    max_size: int = 16,
+    specs: Sequence[InputSpec] | None = None,
+) -> st.SearchStrategy[tuple[torch.Tensor, ...]]:
+    """A strategy of valid flat inputs (``TraceInfo.input_names`` order) for ``gm``.
+
+    Dynamic dims are drawn within their proven range, capped by ``max_size`` and the model's
+    position limit; values come from a drawn seed, so examples shrink to small, readable cases.
+    """
+    specs = list(specs) if specs is not None else input_specs(gm)
+    info = trace_info(gm)
+    bounds = _dim_bounds(specs, info, max_size)
+
+    @st.composite
+    def draw(draw_fn: Any) -> tuple[torch.Tensor, ...]:
+        sizes = {name: draw_fn(st.integers(lo, hi), label=name) for name, (lo, hi) in bounds.items()}
+        seed = draw_fn(st.integers(0, 2**31 - 1), label="seed")
+        padding = draw_fn(st.sampled_from(["none", "left", "right"]), label="padding")
+        generator = torch.Generator().manual_seed(seed)
+        return tuple(_make(spec, sizes, padding, generator) for spec in specs)
+
+    return draw()
+
+
+def _dim_bounds(
+    specs: Sequence[InputSpec], info: TraceInfo | None, max_size: int
+) -> dict[str, tuple[int, int]]:
+    bounds: dict[str, tuple[int, int]] = {}
+    for spec in specs:
+        for dim in spec.shape:
+            if isinstance(dim, str) and dim not in bounds:
+                lo, hi = (1, None)
+                if info is not None and dim in info.dim_ranges:
+                    lo, hi = info.dim_ranges[dim]
+                upper = max_size if hi is None else min(hi, max_size)
+                if info is not None and info.max_positions and ("seq" in dim or "len" in dim):
+                    upper = min(upper, info.max_positions)
+                bounds[dim] = (max(lo, 1), max(upper, max(lo, 1)))
+    return bounds
+
+
+def _make(
+    spec: InputSpec, sizes: dict[str, int], padding: str, generator: torch.Generator
+) -> torch.Tensor:
+    shape = tuple(sizes[d] if isinstance(d, str) else d for d in spec.shape)
+    if spec.kind == "float":
+        return torch.randn(shape, generator=generator).to(spec.dtype)
+    if spec.kind == "tokens":
+        return torch.randint(0, spec.high, shape, generator=generator).to(spec.dtype)
+    if spec.kind == "mask":
+        mask = torch.ones(shape, dtype=torch.long)
+        if padding != "none" and len(shape) == 2 and shape[1] > 1:
+            for row in range(shape[0]):
+                pad = int(torch.randint(0, shape[1], (1,), generator=generator))
+                if padding == "left":
+                    mask[row, :pad] = 0
+                else:
+                    mask[row, shape[1] - pad :] = 0
+        return mask.to(spec.dtype)
+    return torch.randint(0, spec.high, shape, generator=generator).to(spec.dtype)
+
+
+# --- the property check ---------------------------------------------------------------------------
+
+
+def assert_equivalent(
+    reference: torch.nn.Module,
+    candidate: torch.nn.Module,
+    example_inputs: Sequence[torch.Tensor] | None = None,
+    *,
+    rtol: float | None = None,
+    atol: float | None = None,
+    max_examples: int | None = None,
+    max_size: int = 16,
+) -> ErrorReport:
+    """Fail unless ``candidate`` equals ``reference`` within the tolerance rule on every input.
+
+    Checks ``example_inputs`` (default: the trace's), then ``max_examples`` hypothesis-drawn
+    inputs (default: the active hypothesis profile's count). A failure names the shrunk input
+    (sizes, seed, padding) and the error statistics. Returns the report of the example inputs.
+    """
+    graph = candidate if isinstance(candidate, torch.fx.GraphModule) else reference
+    if not isinstance(graph, torch.fx.GraphModule):
+        raise TypeError("assert_equivalent needs at least one traced GraphModule")
+    info = _info_of(candidate, reference)
+    examples = tuple(example_inputs) if example_inputs is not None else (
+        info.example_inputs if info is not None else None
+    )
+    first = None
+    if examples is not None:
+        first = compare(reference, candidate, examples, rtol=rtol, atol=atol)
+        if not first.ok:
+            raise AssertionError(f"not equivalent on the example inputs: {first}")
+
+    failures: list[str] = []
+
+    @settings(
+        max_examples=max_examples if max_examples is not None else settings().max_examples,
+        deadline=None,
+        suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+        database=None,
+    )
+    @given(drawn=inputs(graph, max_size=max_size))
+    def check(drawn: tuple[torch.Tensor, ...]) -> None:
+        report = compare(reference, candidate, drawn, rtol=rtol, atol=atol)
+        if not report.ok:
+            shapes = ", ".join(f"{tuple(t.shape)}" for t in drawn)
+            failures.append(f"inputs of shapes {shapes}: {report}")
+            raise AssertionError(f"not equivalent on inputs of shapes {shapes}: {report}")
+
+    check()
+    return first if first is not None else ErrorReport(0, 0, 0, 0, 0, 0, 0)
+
+
+# --- model config strategies ----------------------------------------------------------------------
+
+
+def model_specs(
+    family: str | Sequence[str] = FAMILIES,
+    *,
+    outliers: bool | None = None,
+    max_layers: int = 3,
+    dtype: torch.dtype = torch.float32,
+    **fixed: Any,
+) -> st.SearchStrategy[ModelSpec]:
+    """Random small model configs of one or more families.
+
+    Draws layers (1..``max_layers``), heads, head size, vocabulary, tied or untied head, biases
+    or not, and family switches (GPT-NeoX parallel residual, OPT's projected embeddings, Llama's
+    grouped-query attention). ``outliers=None`` draws it too. ``fixed`` pins any field.
+    """
+    families = [family] if isinstance(family, str) else list(family)
+    for f in families:
+        if f not in FAMILIES:
+            raise ValueError(f"unknown family '{f}' (known: {', '.join(FAMILIES)})")
+
+    @st.composite
+    def draw(draw_fn: Any) -> ModelSpec:
+        chosen = draw_fn(st.sampled_from(families))
+        heads = draw_fn(st.sampled_from([1, 2, 4]))
+        values: dict[str, Any] = dict(
+            family=chosen,
+            layers=draw_fn(st.integers(1, max_layers)),
+            heads=heads,
+            head_dim=draw_fn(st.sampled_from([4, 8, 16])),
+            vocab=draw_fn(st.integers(16, 160)),
+            ffn_mult=draw_fn(st.sampled_from([1, 2, 4])),
+            tied=draw_fn(st.booleans()),
+            bias=draw_fn(st.booleans()) if chosen not in ("gpt2", "bloom", "bert") else True,
+            seed=draw_fn(st.integers(0, 2**16)),
+            outliers=draw_fn(st.booleans()) if outliers is None else outliers,
+            dtype=dtype,
+        )
+        options: dict[str, Any] = {}
+        if chosen == "gpt_neox":
+            options["use_parallel_residual"] = draw_fn(st.booleans())
+        if chosen == "opt":
+            hidden = heads * values["head_dim"]
+            options["word_embed_proj_dim"] = draw_fn(st.sampled_from([hidden, max(4, hidden // 2)]))
+        if chosen == "llama":
+            options["kv_heads"] = draw_fn(st.sampled_from([h for h in (1, 2, 4) if heads % h == 0]))
+        values.update({k: v for k, v in fixed.items() if k != "options"})
+        spec = ModelSpec(**values)
+        return spec.with_options(**options, **dict(fixed.get("options", ())))
+
+    return draw()
