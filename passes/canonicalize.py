@@ -14,8 +14,10 @@ but it makes graphs smaller and uniform:
 Both recognitions are built bottom-up from small rules (normalize, fold the casts, absorb the
 weight, absorb the bias), so partial forms (no weight, no bias) are recognised too. Values are
 preserved exactly in float32 and float64 up to the reduction order of the fused kernels, which
-the equivalence tests bound with the project's tolerance rule. In float16/bfloat16 the RMSNorm
-cast folding is exact because ``aten.rms_norm`` computes in float32 and casts back, as Llama does.
+the equivalence tests bound with the project's tolerance rule. In float16/bfloat16, folding the
+casts is exact (``aten.rms_norm`` computes in float32 and casts back, as Llama does), and absorbing
+the weight saves one rounding: ``aten.rms_norm`` multiplies by the weight before its single cast,
+Llama after it, so the two differ by at most one rounding of the output.
 
 Invariant established: no ``dropout``/``alias``/no-op nodes; composite norms are single ops; the
 graph's outputs are unchanged. The dead alias ``get_attr`` of a tied embedding is pruned.

@@ -192,8 +192,9 @@ class Rewriter:
         meta_from: torch.fx.Node | None = None,
     ) -> torch.fx.Node:
         """Create ``target(*args, **kwargs)`` just before ``before``, with meta and provenance."""
+        name = getattr(target, "_opname", None) or getattr(target, "__name__", None)
         with self.graph.inserting_before(before):
-            node = self.graph.call_function(target, tuple(args), dict(kwargs or {}))
+            node = self.graph.create_node("call_function", target, tuple(args), dict(kwargs or {}), name=name)
         self._stamp(node, rule, meta_from or before)
         return node
 

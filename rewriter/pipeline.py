@@ -104,16 +104,24 @@ class Pass:
         return cls.summary or (cls.__doc__ or "").strip().splitlines()[0]
 
     @classmethod
-    def from_options(cls, options: dict[str, Any], *, spec: str = "", positions: dict[str, int] | None = None) -> Pass:
+    def from_options(
+        cls,
+        options: dict[str, Any],
+        *,
+        spec: str = "",
+        positions: dict[str, tuple[int, int]] | None = None,
+    ) -> Pass:
         """Build the pass from raw option values, converting each to its declared type."""
         hints = typing.get_type_hints(cls)
         fields = {f.name: f for f in dataclasses.fields(cls)}
         values = {}
         for key, raw in options.items():
-            position = (positions or {}).get(key)
+            key_position, position = (positions or {}).get(key, (None, None))
             if key not in fields:
                 known = ", ".join(fields) or "none"
-                raise SpecError(f"pass '{cls.name}' has no option '{key}' (options: {known})", spec, position)
+                raise SpecError(
+                    f"pass '{cls.name}' has no option '{key}' (options: {known})", spec, key_position
+                )
             try:
                 values[key] = _convert(raw, hints[key])
             except (TypeError, ValueError) as error:
@@ -325,7 +333,7 @@ class Pipeline:
             except KeyError as error:
                 raise SpecError(str(error.args[0]), spec, step.position) from None
             options = {o.key: o.value for o in step.options}
-            positions = {o.key: o.position for o in step.options}
+            positions = {o.key: (o.key_position, o.position) for o in step.options}
             passes.append(pass_cls.from_options(options, spec=spec, positions=positions))
         return cls(tuple(passes))
 

@@ -35,6 +35,8 @@ class ParsedOption:
     value: Any
     position: int
     """Offset of the value in the spec text (for errors)."""
+    key_position: int = 0
+    """Offset of the option name in the spec text."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,16 +110,18 @@ class _Parser:
         seen: set[str] = set()
         for option in options:
             if option.key in seen:
-                raise self.error(f"option '{option.key}' given twice to '{name}'", option.position)
+                raise self.error(f"option '{option.key}' given twice to '{name}'", option.key_position)
             seen.add(option.key)
         return ParsedStep(name, tuple(options), start)
 
     def option(self) -> ParsedOption:
+        self.skip_space()
+        key_position = self.pos
         key = self.regex(_KEY, "an option name (snake_case, like 'bits')")
         self.expect("=")
         self.skip_space()
         position = self.pos
-        return ParsedOption(key, self.value(), position)
+        return ParsedOption(key, self.value(), position, key_position)
 
     def value(self) -> Any:
         char = self.peek()

@@ -229,6 +229,14 @@ class ModuleStore(WeightStore):
     def _bind(self, name: str, tensor: torch.Tensor) -> None:
         set_tensor(self.gm, name, tensor)
 
+    def _write(self, name: str, tensor: torch.Tensor) -> None:
+        # Wrap once, so every alias of a tied parameter is bound to the same Parameter object.
+        if name in self and not isinstance(tensor, torch.nn.Parameter):
+            old = get_tensor(self.gm, name)
+            if isinstance(old, torch.nn.Parameter):
+                tensor = torch.nn.Parameter(tensor, requires_grad=old.requires_grad)
+        super()._write(name, tensor)
+
     # -- names for new tensors --
     def fresh_name(self, hint: str) -> str:
         """A free attribute path near ``hint`` (``transformer.h.0.attn.c_attn.lora_A``)."""

@@ -29,7 +29,7 @@ from torch.export import Dim
 
 from rewriter.errors import TraceError
 
-__all__ = ["TRACE_INFO_KEY", "TraceInfo", "trace", "trace_info"]
+__all__ = ["TRACE_INFO_KEY", "TraceInfo", "eval_mode", "trace", "trace_info"]
 
 TRACE_INFO_KEY = "rewriter.trace"
 
@@ -119,7 +119,7 @@ def trace(
     input_names = _input_names(model, args, tensor_kwargs, bound_kwargs)
     spec, requested = _normalize_dynamic_shapes(dynamic_shapes, input_names, args, tensor_kwargs)
 
-    with _eval_mode(model), _bound_forward(model, bound_kwargs):
+    with eval_mode(model), _bound_forward(model, bound_kwargs):
         ep = _export_with_fixes(model, args, tensor_kwargs, spec)
 
     gm = _plain_graph_module(ep)
@@ -250,7 +250,8 @@ def _normalize_dynamic_shapes(
 
 
 @contextlib.contextmanager
-def _eval_mode(model: torch.nn.Module) -> Iterator[None]:
+def eval_mode(model: torch.nn.Module) -> Iterator[None]:
+    """Put every submodule in eval mode for the block, then restore each one's own flag."""
     flags = [(m, m.training) for m in model.modules()]
     model.eval()
     try:

@@ -33,18 +33,19 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import random
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 import torch.fx
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, currently_in_test_context, given, settings
 from hypothesis import strategies as st
 from torch.utils import _pytree as pytree
 
 from rewriter.families import FAMILIES, ModelSpec
 from rewriter.graph import look_back
-from rewriter.trace import TraceInfo, trace_info
+from rewriter.trace import TraceInfo, eval_mode, trace_info
 
 __all__ = [
     "ErrorReport",
@@ -67,10 +68,16 @@ aten = torch.ops.aten
 
 def tolerance(reference: torch.Tensor, *, rtol: float | None = None, atol: float | None = None) -> float:
     """Largest allowed max-abs error against ``reference`` (the project's one rule)."""
-    default_rtol, default_atol = _DEFAULTS.get(reference.dtype, (1e-5, 1e-6))
+    values = reference.detach()
+    finite = values[torch.isfinite(values)] if values.is_floating_point() else values
+    scale = float(finite.abs().max()) if finite.numel() else 0.0
+    return _limit(scale, reference.dtype, rtol, atol)
+
+
+def _limit(scale: float, dtype: torch.dtype, rtol: float | None, atol: float | None) -> float:
+    default_rtol, default_atol = _DEFAULTS.get(dtype, (1e-5, 1e-6))
     rtol = default_rtol if rtol is None else rtol
     atol = default_atol if atol is None else atol
-    scale = float(reference.detach().abs().max()) if reference.numel() else 0.0
     return rtol * scale + atol
 
 
@@ -129,10 +136,11 @@ def outputs(value: Any) -> list[torch.Tensor]:
 
 
 def run(model: torch.nn.Module, inputs: Sequence[torch.Tensor], info: TraceInfo | None) -> Any:
-    """Call ``model`` on flat ``inputs`` the way it was traced (names, bound kwargs)."""
+    """Call ``model`` on flat ``inputs`` the way it was traced (eval mode, names, bound kwargs)."""
     own_info = trace_info(model) if isinstance(model, torch.fx.GraphModule) else None
     info = own_info or info
-    with torch.no_grad():
+    # A model is compared as it was traced: in eval mode (its own flags are restored after).
+    with torch.no_grad(), eval_mode(model):
         if info is None:
             return model(*inputs)
         args, kwargs = info.call_inputs(inputs)
@@ -183,12 +191,16 @@ def _error(
             exact += 1
             mismatched += int(not torch.equal(r, c))
             continue
-        diff = (c.to(torch.float64) - r.to(torch.float64)).abs()
-        scale = float(r.abs().max()) if r.numel() else 0.0
+        r64, c64 = r.to(torch.float64), c.to(torch.float64)
+        # Equal values (infinities included) and NaN in both at the same place agree.
+        agree = (r64 == c64) | (torch.isnan(r64) & torch.isnan(c64))
+        diff = torch.where(agree, torch.zeros_like(r64), (c64 - r64).abs())
+        finite = r64[torch.isfinite(r64)]
+        scale = float(finite.abs().max()) if finite.numel() else 0.0
         error = float(diff.max()) if diff.numel() else 0.0
         if diff.numel() and bool(torch.isnan(diff).any()):
             error = math.nan
-        limit = tolerance(r, rtol=rtol, atol=atol)
+        limit = _limit(scale, r.dtype, rtol, atol)
         ratio = math.inf if math.isnan(error) else (
             error / limit if limit > 0 else (math.inf if error > 0 else 0.0)
         )
@@ -395,24 +407,61 @@ def assert_equivalent(
         if not first.ok:
             raise AssertionError(f"not equivalent on the example inputs: {first}")
 
-    failures: list[str] = []
+    strategy = inputs(graph, max_size=max_size)
+    count = max_examples if max_examples is not None else settings().max_examples
+    if currently_in_test_context():
+        # Inside a user's own @given test (over model configs, say), a nested @given would be
+        # refused by hypothesis; draw from the same distribution with a seeded generator.
+        _check_plain(reference, candidate, graph, count, max_size, rtol, atol)
+        return first if first is not None else _EMPTY
 
     @settings(
-        max_examples=max_examples if max_examples is not None else settings().max_examples,
+        max_examples=count,
         deadline=None,
         suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
         database=None,
     )
-    @given(drawn=inputs(graph, max_size=max_size))
+    @given(drawn=strategy)
     def check(drawn: tuple[torch.Tensor, ...]) -> None:
         report = compare(reference, candidate, drawn, rtol=rtol, atol=atol)
         if not report.ok:
-            shapes = ", ".join(f"{tuple(t.shape)}" for t in drawn)
-            failures.append(f"inputs of shapes {shapes}: {report}")
-            raise AssertionError(f"not equivalent on inputs of shapes {shapes}: {report}")
+            raise AssertionError(f"not equivalent on inputs of shapes {_shapes(drawn)}: {report}")
 
     check()
-    return first if first is not None else ErrorReport(0, 0, 0, 0, 0, 0, 0)
+    return first if first is not None else _EMPTY
+
+
+_EMPTY = ErrorReport(0.0, 0.0, 0.0, 0.0, 0.0, 0, 0)
+
+
+def _shapes(tensors: Sequence[torch.Tensor]) -> str:
+    return ", ".join(f"{tuple(t.shape)}" for t in tensors)
+
+
+def _check_plain(
+    reference: torch.nn.Module,
+    candidate: torch.nn.Module,
+    graph: torch.fx.GraphModule,
+    count: int,
+    max_size: int,
+    rtol: float | None,
+    atol: float | None,
+) -> None:
+    specs = input_specs(graph)
+    bounds = _dim_bounds(specs, trace_info(graph), max_size)
+    rng = random.Random(0)
+    for _ in range(count):
+        sizes = {name: rng.randint(lo, hi) for name, (lo, hi) in bounds.items()}
+        seed = rng.randrange(2**31)
+        padding = rng.choice(["none", "left", "right"])
+        generator = torch.Generator().manual_seed(seed)
+        drawn = tuple(_make(spec, sizes, padding, generator) for spec in specs)
+        report = compare(reference, candidate, drawn, rtol=rtol, atol=atol)
+        if not report.ok:
+            raise AssertionError(
+                f"not equivalent on inputs of shapes {_shapes(drawn)} (sizes {sizes}, seed {seed}, "
+                f"padding {padding}): {report}"
+            )
 
 
 # --- model config strategies ----------------------------------------------------------------------

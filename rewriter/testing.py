@@ -1,0 +1,48 @@
+"""Helpers for tests of passes, ours and users': fingerprints and cached traces.
+
+``fingerprint(model)`` hashes every tensor, name, dtype, ``requires_grad`` flag and train/eval
+flag of a module: equal before and after proves a pipeline left the caller's model untouched.
+``traced(spec)`` builds and traces a :class:`~rewriter.families.ModelSpec` once per process.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+
+import torch
+import torch.fx
+
+from rewriter.families import ModelSpec
+from rewriter.trace import trace
+
+__all__ = ["fingerprint", "graph_fingerprint", "traced"]
+
+
+def fingerprint(module: torch.nn.Module) -> str:
+    """A hash of a module's tensors (values, names, dtypes, grad flags) and train flags."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict(keep_vars=True).items()):
+        digest.update(name.encode())
+        digest.update(str(tensor.dtype).encode())
+        digest.update(str(bool(getattr(tensor, "requires_grad", False))).encode())
+        data = tensor.detach().cpu().contiguous().reshape(-1)
+        digest.update(data.view(torch.uint8).numpy().tobytes() if data.numel() else b"")
+    for name, sub in module.named_modules():
+        digest.update(f"{name}:{sub.training}".encode())
+    return digest.hexdigest()
+
+
+def graph_fingerprint(gm: torch.fx.GraphModule) -> str:
+    """A hash of a graph's code and its tensors."""
+    return hashlib.sha256((gm.code + fingerprint(gm)).encode()).hexdigest()
+
+
+@functools.lru_cache(maxsize=64)
+def traced(
+    spec: ModelSpec, dynamic: bool = True, seq: int = 8
+) -> tuple[torch.nn.Module, torch.fx.GraphModule]:
+    """The model of ``spec`` and its traced graph, built once per process (do not mutate)."""
+    model = spec.build()
+    gm = trace(model, spec.example_inputs(seq=seq), dynamic_shapes="auto" if dynamic else None)
+    return model, gm

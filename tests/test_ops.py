@@ -1,0 +1,97 @@
+"""The op contract, proven end to end on rewriter::crms_norm."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+import rewriter
+from rewriter import ops
+from rewriter.errors import LoweringError
+from rewriter.graph import copy_graph_module, op_counts
+
+crms = torch.ops.rewriter.crms_norm.default
+
+
+class CrmsThenLinear(torch.nn.Module):
+    def __init__(self, width: int = 7) -> None:
+        super().__init__()
+        self.linear = torch.nn.Linear(width, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(crms(x, 1e-5))
+
+
+@given(
+    rows=st.integers(1, 6),
+    width=st.integers(1, 40),
+    eps=st.sampled_from([1e-5, 1e-6, 1e-12]),
+    seed=st.integers(0, 1000),
+)
+def test_crms_norm_is_rms_norm_of_the_implied_zero_mean_vector(rows: int, width: int, eps: float, seed: int) -> None:
+    generator = torch.Generator().manual_seed(seed)
+    full = torch.randn(rows, width + 1, generator=generator, dtype=torch.float64) * 10
+    full -= full.mean(-1, keepdim=True)
+    got = crms(full[:, :-1], eps)
+    want = torch.nn.functional.rms_norm(full, (width + 1,), eps=eps)[:, :-1]
+    assert (got - want).abs().max() <= 1e-12
+
+
+def test_reference_and_decomposition_agree_and_opcheck_passes() -> None:
+    contract = ops.OPS["crms_norm"]
+    x = torch.randn(3, 9)
+    assert torch.equal(contract.reference(x, 1e-5), contract.decomposition(x, 1e-5))
+    assert torch.equal(crms(x, 1e-5), contract.reference(x, 1e-5))
+    torch.library.opcheck(crms, (torch.randn(2, 3, 6), 1e-5))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_computes_in_float32(dtype: torch.dtype) -> None:
+    x = torch.randn(4, 33) * 100
+    got = crms(x.to(dtype), 1e-5)
+    assert got.dtype == dtype
+    want = crms(x.to(dtype).float(), 1e-5).to(dtype)
+    assert torch.equal(got, want)
+
+
+def test_autograd_gradcheck_float64() -> None:
+    x = torch.randn(3, 6, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda t: crms(t, 1e-5), (x,))
+    assert torch.autograd.gradgradcheck(lambda t: crms(t, 1e-5), (x,))
+
+
+def test_export_reexport_and_decompose() -> None:
+    model = CrmsThenLinear()
+    x = torch.randn(3, 4, 7)
+    gm = rewriter.trace(model, (x,), dynamic_shapes={"x": {0: "batch", 1: "seq"}})
+    assert op_counts(gm)["rewriter.crms_norm.default"] == 1
+    info = rewriter.trace_info(gm)
+    ep = torch.export.export(gm, (x,), dynamic_shapes=info.dynamic_shapes, strict=False)
+    assert op_counts(ep.module())["rewriter.crms_norm.default"] == 1
+    other = torch.randn(5, 2, 7)
+    assert torch.equal(ep.module()(other), model(other))
+
+    decomposed = ops.decompose(copy_graph_module(gm))
+    assert "rewriter.crms_norm.default" not in op_counts(decomposed)
+    assert "rewriter.crms_norm.default" in op_counts(gm)  # the copy was decomposed, not gm
+    torch.testing.assert_close(decomposed(other), model(other), rtol=1e-6, atol=1e-6)
+
+
+def test_backends_declare_what_they_lower() -> None:
+    model = CrmsThenLinear()
+    gm = rewriter.trace(model, (torch.randn(2, 7),))
+    assert ops.check_lowerable(gm, "demo", native={"crms_norm"}) == {"crms_norm": "native"}
+    assert ops.check_lowerable(gm, "demo", native=()) == {"crms_norm": "decomposed"}
+    with pytest.raises(LoweringError, match=r"rewriter::crms_norm.*crms_norm"):
+        ops.check_lowerable(gm, "demo", native=(), allow_decomposition=False)
+
+
+def test_decomposition_table_for_run_decompositions() -> None:
+    model = CrmsThenLinear()
+    x = torch.randn(2, 7)
+    ep = torch.export.export(model, (x,))
+    decomposed = ep.run_decompositions(ops.decomposition_table(["crms_norm"]))
+    assert "rewriter.crms_norm.default" not in op_counts(decomposed.module())
+    torch.testing.assert_close(decomposed.module()(x), model(x))
