@@ -35,7 +35,6 @@ from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from rewriter.context import PassContext
 from rewriter.driver import ERASE, Rewriter, RuleSet, apply_rules, emit, rule
-from rewriter.graph import prune_dead_get_attrs
 from rewriter.pattern import Match, P
 from rewriter.pipeline import Pass, PassResult, option
 
@@ -167,6 +166,7 @@ def _one(value: Any) -> bool:
     return value == 1 and not isinstance(value, bool)
 
 
+# fmt: off
 RULES_NOOPS = RuleSet([
     rule(P.call(aten.dropout.default, x, P.const(), False), lambda x: x, name="drop-eval-dropout"),  # dropout(x, p, train=False) -> x  # noqa: E501
     rule(P.call(aten.dropout.default, x, P.const(where=_zero), P.var("train")), lambda x: x, name="drop-zero-dropout"),  # dropout(x, 0, train) -> x  # noqa: E501
@@ -182,6 +182,7 @@ RULES_NOOPS = RuleSet([
     rule(P.call(aten.div.Tensor, x, P.const(where=_one)), lambda x: x, name="drop-div-one", where=same_value_type),  # x / 1 -> x  # noqa: E501
     rule(P.call(aten._assert_tensor_metadata.default, x), lambda: ERASE, name="drop-proven-assert", where=assert_is_proven),  # assert(x has x's dtype) -> nothing  # noqa: E501
 ])
+# fmt: on
 
 
 def normalize_rms(x: torch.fx.Node, eps: float) -> Any:
@@ -221,6 +222,7 @@ _rms_no_affine = P.call(aten.rms_norm.default, P.var("inner"), P.var("shape"), N
 _ln_no_affine = P.call(aten.layer_norm.default, x, P.var("shape"), None, None, name="norm")
 _ln_no_bias = P.call(aten.layer_norm.default, x, P.var("shape"), P.var("gamma"), None, name="norm")
 
+# fmt: off
 RULES_NORMS = RuleSet([
     rule(P.call(aten.mul.Tensor, x, P.call(aten.rsqrt.default, P.call(aten.add.Tensor, _mean_square, eps)), commutative=True), normalize_rms, name="recognize-rms-norm", where=norm_is_last_dim),  # x * rsqrt(mean(x^2) + eps) -> rms_norm(x)  # noqa: E501
     rule(P.call(aten.div.Tensor, x, P.call(aten.sqrt.default, P.call(aten.add.Tensor, _mean_square, eps))), normalize_rms, name="recognize-rms-norm-div", where=norm_is_last_dim),  # x / sqrt(mean(x^2) + eps) -> rms_norm(x)  # noqa: E501
@@ -231,6 +233,7 @@ RULES_NORMS = RuleSet([
     rule(P.call(aten.mul.Tensor, _ln_no_affine, w, commutative=True), absorb_layer_weight, name="absorb-layer-norm-weight", where=weight_fits_norm),  # layer_norm(x) * w -> layer_norm(x, w)  # noqa: E501
     rule(P.call(aten.add.Tensor, _ln_no_bias, b, commutative=True), absorb_layer_bias, name="absorb-layer-norm-bias", where=bias_fits_norm),  # layer_norm(x, w) + b -> layer_norm(x, w, b)  # noqa: E501
 ])
+# fmt: on
 
 
 @dataclasses.dataclass(frozen=True)
@@ -246,8 +249,7 @@ class CanonicalizePass(Pass):
         rw = Rewriter(gm, pass_name=self.name)
         rules = RULES_NOOPS + RULES_NORMS if self.norms else RULES_NOOPS
         stats = apply_rules(rw, rules, max_iterations=self.max_iterations)
-        pruned = prune_dead_get_attrs(gm)
-        rw.finish(prune_weights=False)
+        pruned = rw.finish()
         counts = dict(stats.fired)
         notes = []
         if pruned:

@@ -45,6 +45,9 @@ class PassContext:
     """Device for work a pass does on data (calibration forward passes, fitting)."""
     example_inputs: tuple[torch.Tensor, ...] | None = None
     """Inputs for the per-pass error column; default: the inputs the graph was traced with."""
+    measure_error: bool = True
+    """Measure each pass's output error against its input on the example inputs (one forward
+    pass of each graph per pass); exact passes that exceed the tolerance rule fail."""
     verify_each: bool = False
     """After each exact pass, check equivalence with hypothesis-drawn inputs (slower)."""
     print_after: str | None = None

@@ -194,7 +194,9 @@ class Rewriter:
         """Create ``target(*args, **kwargs)`` just before ``before``, with meta and provenance."""
         name = getattr(target, "_opname", None) or getattr(target, "__name__", None)
         with self.graph.inserting_before(before):
-            node = self.graph.create_node("call_function", target, tuple(args), dict(kwargs or {}), name=name)
+            node = self.graph.create_node(
+                "call_function", target, tuple(args), dict(kwargs or {}), name=name
+            )
         self._stamp(node, rule, meta_from or before)
         return node
 
@@ -308,12 +310,12 @@ class Rewriter:
             self.erase(current)
             stack.extend(inputs)
 
-    def finish(self, *, prune_weights: bool = True) -> None:
-        """Drop dead weights, check the graph and regenerate its code."""
-        if prune_weights:
-            prune_dead_get_attrs(self.gm)
+    def finish(self, *, prune_weights: bool = True) -> list[str]:
+        """Drop dead weights, check the graph and regenerate its code; returns pruned names."""
+        pruned = prune_dead_get_attrs(self.gm) if prune_weights else []
         self.graph.lint()
         self.gm.recompile()
+        return pruned
 
     # -- committing a rule's result --
     def commit(self, root: torch.fx.Node, result: Any, *, rule: str) -> None:
@@ -330,7 +332,9 @@ class Rewriter:
         """Create the nodes an :class:`Emit` tree describes; other values pass through."""
         if isinstance(value, Emit):
             args = tuple(self.materialize(a, before=before, rule=rule) for a in value.args)
-            kwargs = {k: self.materialize(v, before=before, rule=rule) for k, v in value.kwargs.items()}
+            kwargs = {
+                k: self.materialize(v, before=before, rule=rule) for k, v in value.kwargs.items()
+            }
             return self.call(value.target, args, kwargs, before=before, rule=rule, meta_from=before)
         if isinstance(value, (list, tuple)) and any(isinstance(v, Emit) for v in value):
             return type(value)(self.materialize(v, before=before, rule=rule) for v in value)
@@ -365,7 +369,9 @@ def apply_rules(
                     continue
                 if candidate.where is not None and not candidate.where(match):
                     if explain is not None:
-                        explain(node, candidate, f"side condition {candidate.where.__name__} failed")
+                        explain(
+                            node, candidate, f"side condition {candidate.where.__name__} failed"
+                        )
                     continue
                 stats.matches[candidate.name] += 1
                 result = candidate.fire(match, rw)

@@ -86,9 +86,15 @@ def _gpt2(spec: ModelSpec) -> Any:
     from transformers import GPT2Config
 
     return GPT2Config(
-        n_embd=spec.hidden, n_layer=spec.layers, n_head=spec.heads, vocab_size=spec.vocab,
-        n_positions=spec.max_positions, n_inner=spec.ffn_mult * spec.hidden,
-        tie_word_embeddings=spec.tied, bos_token_id=0, eos_token_id=0,
+        n_embd=spec.hidden,
+        n_layer=spec.layers,
+        n_head=spec.heads,
+        vocab_size=spec.vocab,
+        n_positions=spec.max_positions,
+        n_inner=spec.ffn_mult * spec.hidden,
+        tie_word_embeddings=spec.tied,
+        bos_token_id=0,
+        eos_token_id=0,
     )
 
 
@@ -96,13 +102,19 @@ def _opt(spec: ModelSpec) -> Any:
     from transformers import OPTConfig
 
     return OPTConfig(
-        hidden_size=spec.hidden, num_hidden_layers=spec.layers, num_attention_heads=spec.heads,
-        ffn_dim=spec.ffn_mult * spec.hidden, vocab_size=spec.vocab,
+        hidden_size=spec.hidden,
+        num_hidden_layers=spec.layers,
+        num_attention_heads=spec.heads,
+        ffn_dim=spec.ffn_mult * spec.hidden,
+        vocab_size=spec.vocab,
         max_position_embeddings=spec.max_positions,
         word_embed_proj_dim=spec.option("word_embed_proj_dim", spec.hidden),
         do_layer_norm_before=spec.option("do_layer_norm_before", True),
-        enable_bias=spec.bias, tie_word_embeddings=spec.tied,
-        pad_token_id=1, bos_token_id=0, eos_token_id=0,
+        enable_bias=spec.bias,
+        tie_word_embeddings=spec.tied,
+        pad_token_id=1,
+        bos_token_id=0,
+        eos_token_id=0,
     )
 
 
@@ -110,11 +122,17 @@ def _gpt_neox(spec: ModelSpec) -> Any:
     from transformers import GPTNeoXConfig
 
     return GPTNeoXConfig(
-        hidden_size=spec.hidden, num_hidden_layers=spec.layers, num_attention_heads=spec.heads,
-        intermediate_size=spec.ffn_mult * spec.hidden, vocab_size=spec.vocab,
+        hidden_size=spec.hidden,
+        num_hidden_layers=spec.layers,
+        num_attention_heads=spec.heads,
+        intermediate_size=spec.ffn_mult * spec.hidden,
+        vocab_size=spec.vocab,
         max_position_embeddings=spec.max_positions,
         use_parallel_residual=spec.option("use_parallel_residual", True),
-        attention_bias=spec.bias, tie_word_embeddings=spec.tied, bos_token_id=0, eos_token_id=0,
+        attention_bias=spec.bias,
+        tie_word_embeddings=spec.tied,
+        bos_token_id=0,
+        eos_token_id=0,
     )
 
 
@@ -122,9 +140,15 @@ def _bloom(spec: ModelSpec) -> Any:
     from transformers import BloomConfig
 
     return BloomConfig(
-        hidden_size=spec.hidden, n_layer=spec.layers, n_head=spec.heads, vocab_size=spec.vocab,
+        hidden_size=spec.hidden,
+        n_layer=spec.layers,
+        n_head=spec.heads,
+        vocab_size=spec.vocab,
         apply_residual_connection_post_layernorm=spec.option("post_layernorm", False),
-        tie_word_embeddings=spec.tied, bos_token_id=0, eos_token_id=0, pad_token_id=0,
+        tie_word_embeddings=spec.tied,
+        bos_token_id=0,
+        eos_token_id=0,
+        pad_token_id=0,
     )
 
 
@@ -132,11 +156,19 @@ def _llama(spec: ModelSpec) -> Any:
     from transformers import LlamaConfig
 
     return LlamaConfig(
-        hidden_size=spec.hidden, num_hidden_layers=spec.layers, num_attention_heads=spec.heads,
-        num_key_value_heads=spec.option("kv_heads", spec.heads), head_dim=spec.head_dim,
-        intermediate_size=spec.ffn_mult * spec.hidden, vocab_size=spec.vocab,
-        max_position_embeddings=spec.max_positions, attention_bias=spec.bias,
-        mlp_bias=spec.bias, tie_word_embeddings=spec.tied, bos_token_id=0, eos_token_id=0,
+        hidden_size=spec.hidden,
+        num_hidden_layers=spec.layers,
+        num_attention_heads=spec.heads,
+        num_key_value_heads=spec.option("kv_heads", spec.heads),
+        head_dim=spec.head_dim,
+        intermediate_size=spec.ffn_mult * spec.hidden,
+        vocab_size=spec.vocab,
+        max_position_embeddings=spec.max_positions,
+        attention_bias=spec.bias,
+        mlp_bias=spec.bias,
+        tie_word_embeddings=spec.tied,
+        bos_token_id=0,
+        eos_token_id=0,
         pad_token_id=0,
     )
 
@@ -145,9 +177,13 @@ def _bert(spec: ModelSpec) -> Any:
     from transformers import BertConfig
 
     return BertConfig(
-        hidden_size=spec.hidden, num_hidden_layers=spec.layers, num_attention_heads=spec.heads,
-        intermediate_size=spec.ffn_mult * spec.hidden, vocab_size=spec.vocab,
-        max_position_embeddings=spec.max_positions, tie_word_embeddings=spec.tied,
+        hidden_size=spec.hidden,
+        num_hidden_layers=spec.layers,
+        num_attention_heads=spec.heads,
+        intermediate_size=spec.ffn_mult * spec.hidden,
+        vocab_size=spec.vocab,
+        max_position_embeddings=spec.max_positions,
+        tie_word_embeddings=spec.tied,
         pad_token_id=0,
     )
 
@@ -191,8 +227,14 @@ class EncoderLM(nn.Module):
         d = spec.hidden
         self.embed = nn.Embedding(spec.vocab, d)
         layer = nn.TransformerEncoderLayer(
-            d, spec.heads, dim_feedforward=spec.ffn_mult * d, dropout=0.1,
-            activation="gelu", batch_first=True, norm_first=True, bias=spec.bias,
+            d,
+            spec.heads,
+            dim_feedforward=spec.ffn_mult * d,
+            dropout=0.1,
+            activation="gelu",
+            batch_first=True,
+            norm_first=True,
+            bias=spec.bias,
         )
         self.encoder = nn.TransformerEncoder(
             layer, spec.layers, norm=nn.LayerNorm(d), enable_nested_tensor=False

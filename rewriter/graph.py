@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import operator
+import warnings
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
@@ -47,7 +48,7 @@ __all__ = [
 aten = torch.ops.aten
 
 
-# --- copies -------------------------------------------------------------------------------------
+# --- copies --------------------------------------------------------------------------------------
 
 
 def copy_graph_module(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
@@ -56,12 +57,16 @@ def copy_graph_module(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
     Weights are never edited in place (the store writes new tensors), so sharing them is safe
     and makes a copy cost a graph, not a model.
     """
-    new = torch.fx.GraphModule(gm, copy.deepcopy(gm.graph), class_name=type(gm).__name__)
+    with warnings.catch_warnings():
+        # Deep-copying pytree specs trips a deprecation warning inside torch; harmless here.
+        warnings.simplefilter("ignore", FutureWarning)
+        graph = copy.deepcopy(gm.graph)
+    new = torch.fx.GraphModule(gm, graph, class_name=type(gm).__name__)
     new.meta = dict(getattr(gm, "meta", {}))
     return new
 
 
-# --- weights and ties -----------------------------------------------------------------------------
+# --- weights and ties ----------------------------------------------------------------------------
 
 
 def get_tensor(gm: torch.nn.Module, target: str) -> torch.Tensor:
@@ -150,7 +155,8 @@ def prune_dead_get_attrs(gm: torch.fx.GraphModule) -> list[str]:
     """Remove get_attr nodes nobody reads, and the attribute names no node refers to any more.
 
     A tied embedding/head leaves a dead alias ``get_attr`` under the embedding's name; pruning it
-    makes the tie visible as one node used twice. Returns the attribute names removed.
+    makes the tie visible as one node used twice. Returns the attribute names removed. The caller
+    regenerates the code (``gm.recompile()``, or :meth:`rewriter.driver.Rewriter.finish`).
     """
     for node in list(gm.graph.find_nodes(op="get_attr")):
         if not node.users:
@@ -163,11 +169,10 @@ def prune_dead_get_attrs(gm: torch.fx.GraphModule) -> list[str]:
             owner._parameters.pop(field, None)
             owner._buffers.pop(field, None)
             removed.append(name)
-    gm.recompile()
     return removed
 
 
-# --- provenance -----------------------------------------------------------------------------------
+# --- provenance ----------------------------------------------------------------------------------
 
 
 def module_path(node: torch.fx.Node) -> str | None:
@@ -176,7 +181,7 @@ def module_path(node: torch.fx.Node) -> str | None:
     return source[0] if source else None
 
 
-# --- linear maps ------------------------------------------------------------------------------------
+# --- linear maps ---------------------------------------------------------------------------------
 
 
 @dataclasses.dataclass(frozen=True)
@@ -209,7 +214,7 @@ class LinearMap:
 
     @property
     def module(self) -> str:
-        """Module path of the linear map, from its weight's name (``transformer.h.0.attn.c_attn``)."""
+        """Module path of the map, from its weight's name (``transformer.h.0.attn.c_attn``)."""
         return self.weight_name.rsplit(".", 1)[0] if "." in self.weight_name else self.weight_name
 
     @property
@@ -254,42 +259,60 @@ def as_linear(node: torch.fx.Node) -> LinearMap | None:
     if node.op != "call_function":
         return None
     if node.target == aten.linear.default:
-        weight = _weight_operand(node.args[1])
-        if weight is None or weight[1]:
-            return None
-        out_f, in_f = _shape(weight[0])
-        bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
-        if bias is not None and _bias_operand(bias, out_f) is None:
-            return None
-        return LinearMap(node, node, node.args[0], weight[0], "out_in", bias, in_f, out_f)
+        return _from_linear(node)
     if node.target == aten.addmm.default:
-        if node.kwargs.get("beta", 1) != 1 or node.kwargs.get("alpha", 1) != 1:
-            return None
-        weight = _weight_operand(node.args[2])
-        if weight is None:
-            return None
-        layout = "out_in" if weight[1] else "in_out"
-        rows, cols = _shape(weight[0])
-        out_f, in_f = (rows, cols) if weight[1] else (cols, rows)
-        bias = _bias_operand(node.args[0], out_f)
-        if bias is None:
-            return None
-        return LinearMap(node, node, node.args[1], weight[0], layout, bias, in_f, out_f)
+        return _from_addmm(node)
     if node.target in (aten.mm.default, aten.matmul.default):
-        weight = _weight_operand(node.args[1])
-        if weight is None:
-            return None
-        layout = "out_in" if weight[1] else "in_out"
-        rows, cols = _shape(weight[0])
-        out_f, in_f = (rows, cols) if weight[1] else (cols, rows)
-        output, bias = node, None
-        if len(node.users) == 1:
-            user = next(iter(node.users))
-            if user.target == aten.add.Tensor and user.args[0] is node and not user.kwargs:
-                bias = _bias_operand(user.args[1], out_f)
-                output = user if bias is not None else node
-        return LinearMap(node, output, node.args[0], weight[0], layout, bias, in_f, out_f)
+        return _from_matmul(node)
     return None
+
+
+def _from_linear(node: torch.fx.Node) -> LinearMap | None:
+    weight = _weight_operand(node.args[1])
+    if weight is None or weight[1]:
+        return None
+    out_f, in_f = _shape(weight[0])
+    bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
+    if bias is not None and _bias_operand(bias, out_f) is None:
+        return None
+    return LinearMap(node, node, node.args[0], weight[0], "out_in", bias, in_f, out_f)
+
+
+def _from_addmm(node: torch.fx.Node) -> LinearMap | None:
+    # GPT-2's Conv1D: addmm(bias, x, W) with W stored (in, out); a decomposed linear has W^T.
+    if node.kwargs.get("beta", 1) != 1 or node.kwargs.get("alpha", 1) != 1:
+        return None
+    weight = _weight_operand(node.args[2])
+    if weight is None:
+        return None
+    layout, in_f, out_f = _layout(weight)
+    bias = _bias_operand(node.args[0], out_f)
+    if bias is None:
+        return None
+    return LinearMap(node, node, node.args[1], weight[0], layout, bias, in_f, out_f)
+
+
+def _from_matmul(node: torch.fx.Node) -> LinearMap | None:
+    # x @ W (+ b): the bias add, when there is one, is part of the map.
+    weight = _weight_operand(node.args[1])
+    if weight is None:
+        return None
+    layout, in_f, out_f = _layout(weight)
+    output, bias = node, None
+    if len(node.users) == 1:
+        user = next(iter(node.users))
+        if user.target == aten.add.Tensor and user.args[0] is node and not user.kwargs:
+            bias = _bias_operand(user.args[1], out_f)
+            output = user if bias is not None else node
+    return LinearMap(node, output, node.args[0], weight[0], layout, bias, in_f, out_f)
+
+
+def _layout(weight: tuple[torch.fx.Node, bool]) -> tuple[str, int, int]:
+    """(layout, in_features, out_features) of a matmul's right operand."""
+    rows, cols = _shape(weight[0])
+    if weight[1]:  # transposed (out, in) storage
+        return "out_in", cols, rows
+    return "in_out", rows, cols
 
 
 def linear_maps(gm: torch.fx.GraphModule) -> list[LinearMap]:
@@ -306,7 +329,7 @@ def _val_dim(node: torch.fx.Node) -> int | None:
     return val.dim() if isinstance(val, torch.Tensor) else None
 
 
-# --- look-through ---------------------------------------------------------------------------------
+# --- look-through --------------------------------------------------------------------------------
 
 _CASTS = {aten.to.dtype, aten.to.dtype_layout, aten._to_copy.default, aten.type_as.default}
 _IDENTITIES = {aten.alias.default, aten.clone.default, aten.contiguous.default, aten.detach.default}
@@ -383,7 +406,7 @@ def transparent_users(node: torch.fx.Node) -> Iterator[torch.fx.Node]:
             yield user
 
 
-# --- fake-tensor metadata -----------------------------------------------------------------------
+# --- fake-tensor metadata ------------------------------------------------------------------------
 
 
 def fake_mode_of(gm: torch.fx.GraphModule) -> FakeTensorMode | None:
@@ -423,7 +446,9 @@ def _matches(val: Any, tensor: torch.Tensor) -> bool:
     )
 
 
-def propagate_node(gm: torch.fx.GraphModule, node: torch.fx.Node, mode: FakeTensorMode | None) -> None:
+def propagate_node(
+    gm: torch.fx.GraphModule, node: torch.fx.Node, mode: FakeTensorMode | None
+) -> None:
     """Set ``node.meta["val"]`` by running its op on its inputs' fake values."""
     if mode is None:
         return
@@ -448,11 +473,11 @@ def propagate_node(gm: torch.fx.GraphModule, node: torch.fx.Node, mode: FakeTens
         node.meta["val"] = node.target(*args, **kwargs)
 
 
-# --- printing ---------------------------------------------------------------------------------------
+# --- printing ------------------------------------------------------------------------------------
 
 
 def op_counts(gm: torch.fx.GraphModule) -> dict[str, int]:
-    """How many call_function nodes of each op the graph has (``{"aten.layer_norm.default": 5}``)."""
+    """How many call_function nodes of each op the graph has (``{"aten.linear.default": 5}``)."""
     counts: dict[str, int] = {}
     for node in gm.graph.nodes:
         if node.op == "call_function":

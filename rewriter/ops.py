@@ -66,7 +66,7 @@ def _register(contract: OpContract) -> OpContract:
     return contract
 
 
-# --- crms_norm ----------------------------------------------------------------------------------
+# --- crms_norm -----------------------------------------------------------------------------------
 
 
 def _opmath(x: torch.Tensor) -> torch.Tensor:
@@ -125,7 +125,7 @@ _register(
 )
 
 
-# --- lowering support -------------------------------------------------------------------------------
+# --- lowering support ----------------------------------------------------------------------------
 
 
 def rewriter_nodes(gm: torch.fx.GraphModule) -> dict[str, list[torch.fx.Node]]:
@@ -165,7 +165,9 @@ def check_lowerable(
     return plan
 
 
-def decomposition_table(names: Sequence[str] | None = None) -> dict[torch._ops.OpOverload, Callable]:
+def decomposition_table(
+    names: Sequence[str] | None = None,
+) -> dict[torch._ops.OpOverload, Callable]:
     """``{overload: decomposition}`` for ``torch.export``'s ``run_decompositions``."""
     chosen = OPS.values() if names is None else [OPS[n] for n in names]
     return {op.overload: op.decomposition for op in chosen}
@@ -196,7 +198,9 @@ def decompose(
     return gm
 
 
-def _inline_decomposition(rw: object, node: torch.fx.Node, contract: OpContract, make_fx: Callable) -> None:
+def _inline_decomposition(
+    rw: object, node: torch.fx.Node, contract: OpContract, make_fx: Callable
+) -> None:
     from rewriter.driver import Rewriter
 
     assert isinstance(rw, Rewriter)
@@ -222,9 +226,18 @@ def _inline_decomposition(rw: object, node: torch.fx.Node, contract: OpContract,
         elif sub.op == "call_function":
             args = torch.fx.node.map_arg(sub.args, lambda n: env[n])
             kwargs = torch.fx.node.map_arg(sub.kwargs, lambda n: env[n])
-            env[sub] = rw.call(sub.target, args, kwargs, before=node, rule=f"decompose-{contract.name}", meta_from=node)
+            env[sub] = rw.call(
+                sub.target,
+                args,
+                kwargs,
+                before=node,
+                rule=f"decompose-{contract.name}",
+                meta_from=node,
+            )
         else:
-            raise LoweringError(f"decomposition of rewriter::{contract.name} produced a {sub.op} node", node)
+            raise LoweringError(
+                f"decomposition of rewriter::{contract.name} produced a {sub.op} node", node
+            )
     assert isinstance(result, torch.fx.Node)
     rw.replace(node, result, rule=f"decompose-{contract.name}")
 

@@ -193,9 +193,13 @@ class _Call(Pattern):
         if not isinstance(value, torch.fx.Node) or value.op != "call_function":
             return NoMatch("{} is not a call", value)
         if value.target not in self.targets:
-            return NoMatch("{} calls {}, not {}", value.name, value.target, sorted(map(str, self.targets)))
+            return NoMatch(
+                "{} calls {}, not {}", value.name, value.target, sorted(map(str, self.targets))
+            )
         if len(value.args) < len(self.args):
-            return NoMatch("{} has {} args, pattern needs {}", value.name, len(value.args), len(self.args))
+            return NoMatch(
+                "{} has {} args, pattern needs {}", value.name, len(value.args), len(self.args)
+            )
         if self.where is not None and not self.where(value):
             return NoMatch("{} fails the pattern's condition", value.name)
         if self.name is not None and self.name in state.bindings:
@@ -218,7 +222,9 @@ class _Call(Pattern):
             state.restore(snapshot)
         return failure
 
-    def _match_operands(self, node: torch.fx.Node, actual: tuple[Any, ...], state: _State) -> NoMatch | None:
+    def _match_operands(
+        self, node: torch.fx.Node, actual: tuple[Any, ...], state: _State
+    ) -> NoMatch | None:
         for pattern, arg in zip(self.args, actual):
             failure = pattern._match(arg, state)
             if failure is not None:
@@ -273,7 +279,7 @@ def _same_literal(a: Any, b: Any) -> bool:
         return type(a) is type(b) and a == b
     try:
         return bool(a == b)
-    except Exception:  # noqa: BLE001 - symbolic values never equal a literal here
+    except Exception:
         return False
 
 

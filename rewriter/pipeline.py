@@ -95,7 +95,9 @@ class Pass:
     def options(cls) -> list[OptionInfo]:
         hints = typing.get_type_hints(cls)
         return [
-            OptionInfo(f.name, _type_name(hints.get(f.name, Any)), f.default, f.metadata.get("doc", ""))
+            OptionInfo(
+                f.name, _type_name(hints.get(f.name, Any)), f.default, f.metadata.get("doc", "")
+            )
             for f in dataclasses.fields(cls)
         ]
 
@@ -120,12 +122,16 @@ class Pass:
             if key not in fields:
                 known = ", ".join(fields) or "none"
                 raise SpecError(
-                    f"pass '{cls.name}' has no option '{key}' (options: {known})", spec, key_position
+                    f"pass '{cls.name}' has no option '{key}' (options: {known})",
+                    spec,
+                    key_position,
                 )
             try:
                 values[key] = _convert(raw, hints[key])
             except (TypeError, ValueError) as error:
-                raise SpecError(f"option '{key}' of '{cls.name}': {error}", spec, position) from None
+                raise SpecError(
+                    f"option '{key}' of '{cls.name}': {error}", spec, position
+                ) from None
         return cls(**values)
 
     def spec(self) -> str:
@@ -145,20 +151,11 @@ def _type_name(hint: Any) -> str:
 
 
 def _convert(raw: Any, hint: Any) -> Any:
+    """Convert a raw spec value to an option's declared type, or raise ValueError saying why."""
     origin = typing.get_origin(hint)
     args = typing.get_args(hint)
     if origin in (typing.Union, types.UnionType):
-        if raw is None and type(None) in args:
-            return None
-        errors = []
-        for option_type in args:
-            if option_type is type(None):
-                continue
-            try:
-                return _convert(raw, option_type)
-            except (TypeError, ValueError) as error:
-                errors.append(str(error))
-        raise ValueError("; ".join(errors))
+        return _convert_union(raw, args)
     if origin is typing.Literal:
         if raw not in args:
             raise ValueError(f"{raw!r} is not one of {', '.join(map(repr, args))}")
@@ -169,29 +166,43 @@ def _convert(raw: Any, hint: Any) -> Any:
         return tuple(_convert(item, inner) for item in items)
     if hint is Any:
         return raw
-    if hint is bool:
-        if isinstance(raw, bool):
-            return raw
-        raise ValueError(f"expected true or false, got {raw!r}")
-    if hint is int:
-        if isinstance(raw, int) and not isinstance(raw, bool):
-            return raw
-        raise ValueError(f"expected an integer, got {raw!r}")
-    if hint is float:
-        if isinstance(raw, (int, float)) and not isinstance(raw, bool):
-            return float(raw)
-        raise ValueError(f"expected a number, got {raw!r}")
-    if hint is str:
-        if isinstance(raw, str):
-            return raw
-        raise ValueError(f"expected a string, got {raw!r}")
-    if hint is Budget:
-        if isinstance(raw, Budget):
-            return raw
-        if not isinstance(raw, str):
-            raise ValueError(f"expected a budget like 'ppl+2%', got {raw!r}")
-        return Budget.parse(raw)
+    if hint in _SCALARS:
+        accepts, convert, expected = _SCALARS[hint]
+        if not accepts(raw):
+            raise ValueError(f"expected {expected}, got {raw!r}")
+        return convert(raw)
     raise TypeError(f"unsupported option type {hint}")
+
+
+def _convert_union(raw: Any, options: tuple[Any, ...]) -> Any:
+    if raw is None and type(None) in options:
+        return None
+    errors = []
+    for option_type in options:
+        if option_type is type(None):
+            continue
+        try:
+            return _convert(raw, option_type)
+        except (TypeError, ValueError) as error:
+            errors.append(str(error))
+    raise ValueError("; ".join(errors))
+
+
+def _is_number(raw: Any) -> bool:
+    return isinstance(raw, (int, float)) and not isinstance(raw, bool)
+
+
+_SCALARS: dict[Any, tuple[Any, Any, str]] = {
+    bool: (lambda r: isinstance(r, bool), bool, "true or false"),
+    int: (lambda r: isinstance(r, int) and not isinstance(r, bool), int, "an integer"),
+    float: (_is_number, float, "a number"),
+    str: (lambda r: isinstance(r, str), str, "a string"),
+    Budget: (
+        lambda r: isinstance(r, (str, Budget)),
+        lambda r: r if isinstance(r, Budget) else Budget.parse(r),
+        "a budget like 'ppl+2%'",
+    ),
+}
 
 
 def _format_value(value: Any) -> str:
@@ -274,7 +285,7 @@ class Report:
             ]
             row += [_format_metric(record.metrics.get(k)) for k in metric_keys]
             table.add_row(*row)
-        console = Console(width=160, record=True, file=open(os.devnull, "w"))  # noqa: SIM115
+        console = Console(width=160, record=True, file=open(os.devnull, "w"))
         console.print(table)
         return console.export_text()
 
@@ -344,15 +355,28 @@ class Pipeline:
         """Run every pass on a copy of ``gm``; ``gm`` itself is never changed."""
         ctx = ctx or PassContext()
         report = Report(str(self))
-        disabled = {n.strip() for n in os.environ.get("REWRITER_DISABLE", "").split(",") if n.strip()}
+        disabled = {
+            n.strip() for n in os.environ.get("REWRITER_DISABLE", "").split(",") if n.strip()
+        }
         examples = _example_inputs(gm, ctx)
         current = gm
         ran: list[str] = []
         for step in self.passes:
             if step.name in disabled:
                 report.records.append(
-                    PassRecord(step.name, step.spec(), 0.0, False, 0, {}, ["disabled by REWRITER_DISABLE"],
-                               None, {}, step.exact, skipped=True)
+                    PassRecord(
+                        step.name,
+                        step.spec(),
+                        0.0,
+                        False,
+                        0,
+                        {},
+                        ["disabled by REWRITER_DISABLE"],
+                        None,
+                        {},
+                        step.exact,
+                        skipped=True,
+                    )
                 )
                 continue
             current = self._run_one(step, current, ctx, examples, ran, report)
@@ -373,7 +397,9 @@ class Pipeline:
         try:
             result = step.run(work, ctx)
             if not isinstance(result, PassResult):
-                raise TypeError(f"{type(step).__name__}.run returned {type(result).__name__}, not PassResult")
+                raise TypeError(
+                    f"{type(step).__name__}.run returned {type(result).__name__}, not PassResult"
+                )
         except Exception as error:
             node = getattr(error, "node", None)
             self._save_reproducer(ctx, gm, step, ran)
@@ -426,9 +452,11 @@ class Pipeline:
         info = trace_info(gm)
         if info is not None:
             try:
-                ep = torch.export.export(gm, *_call_args(info), dynamic_shapes=info.dynamic_shapes, strict=False)
+                ep = torch.export.export(
+                    gm, *_call_args(info), dynamic_shapes=info.dynamic_shapes, strict=False
+                )
                 torch.export.save(ep, directory / "input.pt2")
-            except Exception as error:  # noqa: BLE001 - the reproducer is best effort
+            except Exception as error:
                 (directory / "input.pt2.error.txt").write_text(str(error))
 
 
@@ -438,6 +466,8 @@ def _call_args(info: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
 
 
 def _example_inputs(gm: torch.fx.GraphModule, ctx: PassContext) -> tuple[torch.Tensor, ...] | None:
+    if not ctx.measure_error:
+        return None
     if ctx.example_inputs is not None:
         return tuple(ctx.example_inputs)
     info = trace_info(gm)

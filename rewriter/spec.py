@@ -110,7 +110,9 @@ class _Parser:
         seen: set[str] = set()
         for option in options:
             if option.key in seen:
-                raise self.error(f"option '{option.key}' given twice to '{name}'", option.key_position)
+                raise self.error(
+                    f"option '{option.key}' given twice to '{name}'", option.key_position
+                )
             seen.add(option.key)
         return ParsedStep(name, tuple(options), start)
 

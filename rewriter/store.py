@@ -155,7 +155,9 @@ class WeightStore:
     def write(self, name: str, tensor: torch.Tensor, note: str = "") -> None:
         """Bind an already computed tensor (packed integers, trained factors) to ``name``."""
         self._write(name, tensor)
-        self.log.append(Edit(name, (), lambda block: tensor, tuple(tensor.shape), tensor.dtype, note))
+        self.log.append(
+            Edit(name, (), lambda block: tensor, tuple(tensor.shape), tensor.dtype, note)
+        )
 
     def blocks(self, shape: Sequence[int]) -> Iterator[tuple[int, int]]:
         """Row ranges for an output of ``shape``: float64 blocks of at most ``block_bytes``."""

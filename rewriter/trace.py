@@ -198,52 +198,64 @@ def _normalize_dynamic_shapes(
     if dynamic_shapes is None:
         return None, {}
     tensors = dict(zip(input_names, (*args, *kwargs.values())))
+    per_input = _per_input(dynamic_shapes, input_names, tensors)
+    dims: dict[str, Dim] = {}
+    requested: dict[str, dict[int, str]] = {}
+    spec: dict[str, dict[int, Any]] = {}
+    for name, axes in per_input.items():
+        tensor = tensors[name]
+        for axis, dim in axes.items():
+            if not isinstance(axis, int) or not -tensor.dim() <= axis < tensor.dim():
+                raise TraceError(f"dynamic_shapes: input '{name}' has no dim {axis}")
+            axis = axis % tensor.dim()
+            dim_name = dim if isinstance(dim, str) else getattr(dim, "__name__", f"{name}_{axis}")
+            _check_not_special(name, axis, dim_name, tensor.shape[axis])
+            spec.setdefault(name, {})[axis] = (
+                dims.setdefault(dim, Dim(dim)) if isinstance(dim, str) else dim
+            )
+            requested.setdefault(name, {})[axis] = dim_name
+    if isinstance(dynamic_shapes, (list, tuple)) and len(args) == len(input_names):
+        return tuple(spec.get(n) for n in input_names), requested
+    return {n: spec.get(n) for n in input_names}, requested
+
+
+def _per_input(
+    dynamic_shapes: Any, input_names: tuple[str, ...], tensors: dict[str, torch.Tensor]
+) -> dict[str, dict[Any, Any]]:
     if isinstance(dynamic_shapes, str):
         if dynamic_shapes != "auto":
             raise TraceError(f"dynamic_shapes={dynamic_shapes!r}: the only string form is 'auto'")
-        per_input: dict[str, dict[int, Any]] = {
+        return {
             name: {d: _AUTO_DIM_NAMES[d] for d in range(min(t.dim(), 2))}
             for name, t in tensors.items()
         }
-    elif isinstance(dynamic_shapes, Mapping):
+    if isinstance(dynamic_shapes, Mapping):
         per_input = {k: dict(v) if v is not None else {} for k, v in dynamic_shapes.items()}
     elif isinstance(dynamic_shapes, (list, tuple)):
         per_input = {
-            name: dict(v) if v is not None else {}
-            for name, v in zip(input_names, dynamic_shapes)
+            n: dict(v) if v is not None else {} for n, v in zip(input_names, dynamic_shapes)
         }
     else:
-        raise TraceError(f"dynamic_shapes must be a dict, a tuple or 'auto', got {dynamic_shapes!r}")
+        raise TraceError(
+            f"dynamic_shapes must be a dict, a tuple or 'auto', got {dynamic_shapes!r}"
+        )
     unknown = set(per_input) - set(input_names)
     if unknown:
         raise TraceError(
             f"dynamic_shapes names inputs {sorted(unknown)} that the model call does not have "
             f"(inputs: {list(input_names)})"
         )
+    return per_input
 
-    dims: dict[str, Dim] = {}
-    requested: dict[str, dict[int, str]] = {}
-    for name, spec in per_input.items():
-        tensor = tensors[name]
-        for axis, dim in spec.items():
-            if not isinstance(axis, int) or not -tensor.dim() <= axis < tensor.dim():
-                raise TraceError(f"dynamic_shapes: input '{name}' has no dim {axis}")
-            axis = axis % tensor.dim()
-            dim_name = dim if isinstance(dim, str) else getattr(dim, "__name__", f"{name}_{axis}")
-            size = tensor.shape[axis]
-            if size in (0, 1):
-                raise TraceError(
-                    f"input '{name}' dim {axis} is marked dynamic ('{dim_name}') but the example "
-                    f"has size {size}. torch.export treats sizes 0 and 1 as special and "
-                    f"specializes them, so the graph would only accept size {size}. Trace with an "
-                    f"example of size >= 2 in that dim; the graph then accepts sizes from 1 up."
-                )
-            if isinstance(dim, str):
-                spec[axis] = dims.setdefault(dim, Dim(dim))
-            requested.setdefault(name, {})[axis] = dim_name
-    if isinstance(dynamic_shapes, (list, tuple)) and len(args) == len(input_names):
-        return tuple(per_input.get(n) or None for n in input_names), requested
-    return {n: (per_input.get(n) or None) for n in input_names}, requested
+
+def _check_not_special(name: str, axis: int, dim_name: str, size: int) -> None:
+    if size in (0, 1):
+        raise TraceError(
+            f"input '{name}' dim {axis} is marked dynamic ('{dim_name}') but the example has size "
+            f"{size}. torch.export treats sizes 0 and 1 as special and specializes them, so the "
+            f"graph would only accept size {size}. Trace with an example of size >= 2 in that "
+            "dim; the graph then accepts sizes from 1 up."
+        )
 
 
 # --- export ---------------------------------------------------------------------------------------
@@ -292,8 +304,10 @@ def _export_with_fixes(
     """Export; when the model bounds a named dim (``seq <= n_positions``), apply the bound."""
     for _ in range(4):
         try:
-            return torch.export.export(model, args, kwargs=kwargs, dynamic_shapes=spec, strict=False)
-        except Exception as error:  # noqa: BLE001 - every failure is re-raised in user terms
+            return torch.export.export(
+                model, args, kwargs=kwargs, dynamic_shapes=spec, strict=False
+            )
+        except Exception as error:
             fixes = _bound_fixes(error)
             if not fixes or spec is None:
                 raise _explain_export_error(error, model) from error
@@ -353,8 +367,11 @@ def _explain_export_error(error: Exception, model: torch.nn.Module) -> TraceErro
 
 
 def _user_frame(text: str) -> str:
-    match = re.search(r"The following call raised this error:\s*\n\s*File \"([^\"]+)\", line (\d+)"
-                      r"[^\n]*\n\s*(.+)", text)
+    match = re.search(
+        r"The following call raised this error:\s*\n\s*File \"([^\"]+)\", line (\d+)"
+        r"[^\n]*\n\s*(.+)",
+        text,
+    )
     if not match:
         return ""
     file, line, code = match.groups()
@@ -381,9 +398,11 @@ def _clone_weights(gm: torch.fx.GraphModule) -> None:
         clone = clones.get(id(tensor))
         if clone is None:
             data = tensor.detach().clone()
-            clone = torch.nn.Parameter(data, requires_grad=False) if isinstance(
-                tensor, torch.nn.Parameter
-            ) else data
+            clone = (
+                torch.nn.Parameter(data, requires_grad=False)
+                if isinstance(tensor, torch.nn.Parameter)
+                else data
+            )
             clones[id(tensor)] = clone
         if isinstance(clone, torch.nn.Parameter):
             owner._parameters[field] = clone
@@ -450,7 +469,9 @@ def _dim_ranges(
             old = ranges.get(dim_name)
             if old is not None:
                 lower = max(lower, old[0])
-                upper = upper if old[1] is None else (old[1] if upper is None else min(upper, old[1]))
+                upper = (
+                    upper if old[1] is None else (old[1] if upper is None else min(upper, old[1]))
+                )
             ranges[dim_name] = (lower, upper)
     return ranges
 

@@ -101,13 +101,15 @@ def train(
         raise RewriterError("train() needs at least one batch")
     names = _select(gm, params)
     store = ModuleStore(gm)
-    previous_flags = {name: p.requires_grad for name, p in gm.named_parameters()}
+    previous_flags = {name: p.requires_grad for name, p in _named_parameters(gm)}
     for name in names:
         store.own(name)  # a private copy: graphs sharing the old tensor stay unchanged
-    trainable = dict(gm.named_parameters())
-    for name, parameter in trainable.items():
-        parameter.requires_grad_(name in names)
-    chosen = [trainable[n] for n in names]
+    trainable = dict(_named_parameters(gm))
+    for parameter in trainable.values():
+        parameter.requires_grad_(False)
+    chosen = list({id(trainable[n]): trainable[n] for n in names}.values())  # ties train once
+    for parameter in chosen:
+        parameter.requires_grad_(True)
     optimizer = torch.optim.AdamW(chosen, lr=lr, weight_decay=weight_decay)
     loss_fn = _loss_function(loss)
     info = trace_info(gm)
@@ -115,7 +117,9 @@ def train(
     order = torch.randperm(len(batches), generator=generator).tolist()
     losses: list[float] = []
     try:
-        for step in progress(range(steps), total=steps, description=description, enabled=show_progress):
+        for step in progress(
+            range(steps), total=steps, description=description, enabled=show_progress
+        ):
             batch = batches[order[step % len(order)]]
             optimizer.zero_grad(set_to_none=True)
             value = loss_fn(_forward(gm, batch, info), batch)
@@ -127,15 +131,19 @@ def train(
             optimizer.step()
             losses.append(float(value.detach()))
     finally:
-        for name, parameter in gm.named_parameters():
+        for name, parameter in _named_parameters(gm):
             parameter.requires_grad_(previous_flags.get(name, False))
     return TrainReport(losses, names)
 
 
+def _named_parameters(gm: torch.fx.GraphModule) -> list[tuple[str, torch.nn.Parameter]]:
+    return list(gm.named_parameters(remove_duplicate=False))
+
+
 def _select(gm: torch.fx.GraphModule, params: Any) -> list[str]:
-    all_names = [name for name, p in gm.named_parameters() if p.is_floating_point()]
+    all_names = [name for name, p in _named_parameters(gm) if p.is_floating_point()]
     if params is None:
-        names = [n for n, p in gm.named_parameters() if p.requires_grad]
+        names = [n for n, p in _named_parameters(gm) if p.requires_grad]
         if not names:
             raise RewriterError(
                 "no trainable parameters: pass params= (a regex, a list of names or a predicate)"
@@ -160,13 +168,17 @@ def _loss_function(loss: Any) -> Callable[[Any, Any], torch.Tensor]:
     if callable(loss):
         return loss
     if loss == "causal-lm":
+
         def lm(output: Any, batch: Any) -> torch.Tensor:
             ids, mask = _ids_and_mask(batch)
             return causal_lm_loss(logits_of(output), ids, mask)
+
         return lm
     if loss == "mse":
+
         def mse(output: Any, batch: Any) -> torch.Tensor:
             return F.mse_loss(logits_of(output).float(), batch[1].float())
+
         return mse
     raise ValueError(f"loss must be 'causal-lm', 'mse' or a callable, got {loss!r}")
 

@@ -66,7 +66,9 @@ aten = torch.ops.aten
 # --- the tolerance rule ------------------------------------------------------------------------
 
 
-def tolerance(reference: torch.Tensor, *, rtol: float | None = None, atol: float | None = None) -> float:
+def tolerance(
+    reference: torch.Tensor, *, rtol: float | None = None, atol: float | None = None
+) -> float:
     """Largest allowed max-abs error against ``reference`` (the project's one rule)."""
     values = reference.detach()
     finite = values[torch.isfinite(values)] if values.is_floating_point() else values
@@ -186,7 +188,9 @@ def _error(
     worst_ratio, allowed, violated = -1.0, 0.0, False
     for i, (r, c) in enumerate(zip(ref, out)):
         if r.shape != c.shape:
-            raise AssertionError(f"output #{i}: shape {tuple(c.shape)} != reference {tuple(r.shape)}")
+            raise AssertionError(
+                f"output #{i}: shape {tuple(c.shape)} != reference {tuple(r.shape)}"
+            )
         if not r.is_floating_point():
             exact += 1
             mismatched += int(not torch.equal(r, c))
@@ -201,8 +205,10 @@ def _error(
         if diff.numel() and bool(torch.isnan(diff).any()):
             error = math.nan
         limit = _limit(scale, r.dtype, rtol, atol)
-        ratio = math.inf if math.isnan(error) else (
-            error / limit if limit > 0 else (math.inf if error > 0 else 0.0)
+        ratio = (
+            math.inf
+            if math.isnan(error)
+            else (error / limit if limit > 0 else (math.inf if error > 0 else 0.0))
         )
         violated |= math.isnan(error) or error > limit
         if ratio > worst_ratio:
@@ -238,7 +244,7 @@ class InputSpec:
     shape: tuple[int | str, ...]
     """Static sizes, or the name of a dynamic dim."""
     kind: str
-    """``"tokens"`` (ids below ``high``), ``"mask"`` (0/1 with padding), ``"int"`` or ``"float"``."""
+    """``"tokens"`` (ids below ``high``), ``"mask"`` (0/1, padded), ``"int"`` or ``"float"``."""
     high: int = 2
 
 
@@ -254,12 +260,15 @@ def input_specs(gm: torch.fx.GraphModule) -> list[InputSpec]:
         if not isinstance(val, torch.Tensor):
             continue
         name = names[i] if names is not None and i < len(names) else node.name
-        shape = tuple(
-            dim_names.get(str(d.node.expr), str(d.node.expr)) if isinstance(d, torch.SymInt) else int(d)
-            for d in val.shape
-        )
+        shape = tuple(_dim_label(d, dim_names) for d in val.shape)
         specs.append(_classify(gm, node, name, val.dtype, shape))
     return specs
+
+
+def _dim_label(dim: Any, dim_names: dict[str, str]) -> int | str:
+    if isinstance(dim, torch.SymInt):
+        return dim_names.get(str(dim.node.expr), str(dim.node.expr))
+    return int(dim)
 
 
 def _dim_names(info: TraceInfo | None, placeholders: list[torch.fx.Node]) -> dict[str, str]:
@@ -300,13 +309,23 @@ def _embedding_rows(node: torch.fx.Node) -> int | None:
         for user in current.users:
             if user.op != "call_function":
                 continue
-            if user.target == aten.embedding.default and look_back(user.args[1]) is look_back(current):
+            if user.target == aten.embedding.default and look_back(user.args[1]) is look_back(
+                current
+            ):
                 table = user.args[0].meta.get("val")
                 if table is not None:
                     rows.append(int(table.shape[0]))
-            elif user.target in (aten.view.default, aten.reshape.default, aten.unsqueeze.default,
-                                 aten.expand.default, aten.to.dtype, aten._to_copy.default,
-                                 aten.clone.default, aten.alias.default, aten.slice.Tensor):
+            elif user.target in (
+                aten.view.default,
+                aten.reshape.default,
+                aten.unsqueeze.default,
+                aten.expand.default,
+                aten.to.dtype,
+                aten._to_copy.default,
+                aten.clone.default,
+                aten.alias.default,
+                aten.slice.Tensor,
+            ):
                 stack.append(user)
     return min(rows) if rows else None
 
@@ -328,7 +347,9 @@ def inputs(
 
     @st.composite
     def draw(draw_fn: Any) -> tuple[torch.Tensor, ...]:
-        sizes = {name: draw_fn(st.integers(lo, hi), label=name) for name, (lo, hi) in bounds.items()}
+        sizes = {
+            name: draw_fn(st.integers(lo, hi), label=name) for name, (lo, hi) in bounds.items()
+        }
         seed = draw_fn(st.integers(0, 2**31 - 1), label="seed")
         padding = draw_fn(st.sampled_from(["none", "left", "right"]), label="padding")
         generator = torch.Generator().manual_seed(seed)
@@ -398,8 +419,10 @@ def assert_equivalent(
     if not isinstance(graph, torch.fx.GraphModule):
         raise TypeError("assert_equivalent needs at least one traced GraphModule")
     info = _info_of(candidate, reference)
-    examples = tuple(example_inputs) if example_inputs is not None else (
-        info.example_inputs if info is not None else None
+    examples = (
+        tuple(example_inputs)
+        if example_inputs is not None
+        else (info.example_inputs if info is not None else None)
     )
     first = None
     if examples is not None:

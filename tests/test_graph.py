@@ -94,7 +94,9 @@ def test_linear_map_view_computes_the_node_value() -> None:
     assert (first.in_features, first.out_features) == (6, 4)
     weight = gm.get_parameter(first.weight_name)
     w_out_in = weight.t() if first.layout == "in_out" else weight
-    torch.testing.assert_close(x @ w_out_in.t() + gm.get_parameter(first.bias_name), x @ model.w + model.b)
+    torch.testing.assert_close(
+        x @ w_out_in.t() + gm.get_parameter(first.bias_name), x @ model.w + model.b
+    )
 
 
 def test_non_linear_matmuls_are_not_linear_maps() -> None:
@@ -116,7 +118,11 @@ def test_look_through_stream_transparent_ops() -> None:
     assert source.target == aten.add.Tensor  # token + position embeddings, through dropout
     readers = list(transparent_users(source))
     assert norm in readers and not any(is_transparent(r) for r in readers)
-    views = [n for n in gm.graph.nodes if n.target == aten.view.default and n.args[0].target == aten.addmm.default]
+    views = [
+        n
+        for n in gm.graph.nodes
+        if n.target == aten.view.default and n.args[0].target == aten.addmm.default
+    ]
     assert views and all(is_transparent(v) for v in views)  # (B*T, d) -> (B, T, d) keeps d
     splits = [n for n in gm.graph.nodes if n.target == aten.view.default and len(n.args[1]) == 4]
     assert splits and not any(is_transparent(v) for v in splits)  # head split changes the last dim
@@ -125,7 +131,9 @@ def test_look_through_stream_transparent_ops() -> None:
 def test_printer_is_stable_across_traces() -> None:
     spec = ModelSpec("llama", layers=1)
     first = format_graph(rewriter.trace(spec.build(), spec.example_inputs(), dynamic_shapes="auto"))
-    second = format_graph(rewriter.trace(spec.build(), spec.example_inputs(), dynamic_shapes="auto"))
+    second = format_graph(
+        rewriter.trace(spec.build(), spec.example_inputs(), dynamic_shapes="auto")
+    )
     assert first == second
     assert "%input_ids: i64[d0, d1] = input" in first
     assert "s4" not in first and "s7" not in first

@@ -30,7 +30,9 @@ class CrmsThenLinear(torch.nn.Module):
     eps=st.sampled_from([1e-5, 1e-6, 1e-12]),
     seed=st.integers(0, 1000),
 )
-def test_crms_norm_is_rms_norm_of_the_implied_zero_mean_vector(rows: int, width: int, eps: float, seed: int) -> None:
+def test_crms_norm_is_rms_norm_of_the_implied_zero_mean_vector(
+    rows: int, width: int, eps: float, seed: int
+) -> None:
     generator = torch.Generator().manual_seed(seed)
     full = torch.randn(rows, width + 1, generator=generator, dtype=torch.float64) * 10
     full -= full.mean(-1, keepdim=True)

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 import rewriter
-from rewriter.driver import PROVENANCE_KEY, ERASE, Rewriter, RuleSet, apply_rules, emit, rule
+from rewriter.driver import ERASE, PROVENANCE_KEY, Rewriter, RuleSet, apply_rules, emit, rule
 from rewriter.graph import format_graph, op_counts
 from rewriter.pattern import P
 
@@ -53,7 +53,9 @@ def test_literals_constants_alternatives_and_reasons() -> None:
     add_zero = _node(gm, aten.add.Tensor)
     assert P.call(aten.add.Tensor, P.var("x"), 0).match(add_zero)
     assert not P.call(aten.add.Tensor, P.var("x"), 1).match(add_zero)
-    matched = P.call(aten.add.Tensor, P.var("x"), P.const("c", where=lambda c: c == 0)).match(add_zero)
+    matched = P.call(aten.add.Tensor, P.var("x"), P.const("c", where=lambda c: c == 0)).match(
+        add_zero
+    )
     assert matched and matched["c"] == 0
     failure = P.call(aten.mul.Tensor, P.var("x"), 0).match(add_zero)
     assert not failure and "aten.mul.Tensor" in failure.reason
@@ -66,11 +68,13 @@ def test_literals_constants_alternatives_and_reasons() -> None:
 def test_driver_applies_rules_to_fixpoint_with_meta_and_provenance() -> None:
     gm = _graph()
     x = P.var("x")
+    # fmt: off
     rules = RuleSet([
-        rule(P.call(aten.add.Tensor, x, P.const(where=lambda c: c == 0)), lambda x: x, name="add-zero"),  # x + 0 -> x
-        rule(P.call(aten.mul.Tensor, x, P.const(where=lambda c: c == 1)), lambda x: x, name="mul-one"),  # x * 1 -> x
-        rule(P.call(aten.add.Tensor, x, x), lambda x: emit(aten.mul.Tensor, x, 2), name="double"),  # x + x -> x * 2
+        rule(P.call(aten.add.Tensor, x, P.const(where=lambda c: c == 0)), lambda x: x, name="add-zero"),  # x + 0 -> x  # noqa: E501
+        rule(P.call(aten.mul.Tensor, x, P.const(where=lambda c: c == 1)), lambda x: x, name="mul-one"),  # x * 1 -> x  # noqa: E501
+        rule(P.call(aten.add.Tensor, x, x), lambda x: emit(aten.mul.Tensor, x, 2), name="double"),  # x + x -> x * 2  # noqa: E501
     ])
+    # fmt: on
     rw = Rewriter(gm, pass_name="test")
     stats = apply_rules(rw, rules)
     rw.finish()
@@ -88,9 +92,11 @@ def test_driver_applies_rules_to_fixpoint_with_meta_and_provenance() -> None:
 def test_a_rule_that_does_not_converge_is_reported() -> None:
     gm = _graph()
     x = P.var("x")
+    # fmt: off
     flip = RuleSet([
-        rule(P.call(aten.relu.default, x), lambda x: emit(aten.relu.default, x), name="flip"),  # relu -> relu
+        rule(P.call(aten.relu.default, x), lambda x: emit(aten.relu.default, x), name="flip"),  # relu -> relu  # noqa: E501
     ])
+    # fmt: on
     rw = Rewriter(gm, pass_name="test")
     stats = apply_rules(rw, flip, max_iterations=3)
     assert not stats.converged and stats.iterations == 3
@@ -100,10 +106,12 @@ def test_rules_decline_and_erase_and_explain() -> None:
     gm = _graph()
     x = P.var("x")
     reasons: list[str] = []
+    # fmt: off
     rules = RuleSet([
         rule(P.call(aten.relu.default, x), lambda x: None, name="decline"),  # relu(x) -> (declined)
         rule(P.call(aten.mul.Tensor, x, 3), lambda x: x, name="never"),  # x * 3 -> x
     ])
+    # fmt: on
     rw = Rewriter(gm, pass_name="test")
     stats = apply_rules(rw, rules, explain=lambda node, r, why: reasons.append(f"{r.name}: {why}"))
     assert stats.matches["decline"] == 1 and not stats.fired
@@ -116,8 +124,14 @@ def test_rules_decline_and_erase_and_explain() -> None:
             return x + 1
 
     gm2 = rewriter.trace(WithAssert(), (torch.randn(3, 2),))
-    asserts = [n for n in gm2.graph.nodes if n.op == "call_function" and not n.users and n.target is not operator.getitem]
-    erase_all = RuleSet([rule(P.call({n.target for n in asserts}), lambda: ERASE, name="erase")])  # assert -> nothing
+    asserts = [
+        n
+        for n in gm2.graph.nodes
+        if n.op == "call_function" and not n.users and n.target is not operator.getitem
+    ]
+    erase_all = RuleSet(
+        [rule(P.call({n.target for n in asserts}), lambda: ERASE, name="erase")]
+    )  # assert -> nothing
     rw2 = Rewriter(gm2, pass_name="test")
     apply_rules(rw2, erase_all)
     rw2.finish()

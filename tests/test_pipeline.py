@@ -8,6 +8,7 @@ from typing import ClassVar, Literal
 
 import pytest
 import torch
+from rewriter.passes import get_pass
 
 import rewriter
 from rewriter import Budget, Pass, PassContext, PassResult, Pipeline, option
@@ -15,7 +16,6 @@ from rewriter.driver import Rewriter
 from rewriter.errors import PassError, PreconditionError, SpecError
 from rewriter.families import ModelSpec
 from rewriter.graph import format_graph
-from rewriter.passes import get_pass
 from rewriter.spec import parse_pipeline
 from rewriter.testing import fingerprint, graph_fingerprint, traced
 
@@ -75,7 +75,9 @@ for cls in (ScaleLogitsPass, BreakLayerNormPass, SilentlyWrongPass):
 
 
 def test_parse_specs_and_round_trip() -> None:
-    pipeline = Pipeline.parse(' canonicalize , scale-logits(factor=3, mode="add", layers=[1,2], budget=ppl+2%)')
+    pipeline = Pipeline.parse(
+        ' canonicalize , scale-logits(factor=3, mode="add", layers=[1,2], budget=ppl+2%)'
+    )
     assert [p.name for p in pipeline.passes] == ["canonicalize", "scale-logits"]
     scale = pipeline.passes[1]
     assert scale == ScaleLogitsPass(3.0, "add", (1, 2), Budget("ppl", 0.02, True))
@@ -111,7 +113,15 @@ def test_spec_errors_point_at_the_offending_part(spec: str, message: str, caret:
 def test_parser_values() -> None:
     (step,) = parse_pipeline("x(a=1,b=-2.5e-3,c=true,d=none,e='q r',f=[1,two],g=all-linear)")
     values = {o.key: o.value for o in step.options}
-    assert values == {"a": 1, "b": -2.5e-3, "c": True, "d": None, "e": "q r", "f": [1, "two"], "g": "all-linear"}
+    assert values == {
+        "a": 1,
+        "b": -2.5e-3,
+        "c": True,
+        "d": None,
+        "e": "q r",
+        "f": [1, "two"],
+        "g": "all-linear",
+    }
 
 
 def test_budgets() -> None:
@@ -149,7 +159,9 @@ def test_report_has_time_rewrites_error_and_renders() -> None:
     assert canonicalize.rewrites > 0 and canonicalize.error.ok and canonicalize.exact
     assert scale.error.max_abs > 0 and not scale.exact
     table = result.report.table()
-    assert "canonicalize" in table and "scale-logits(factor=3.0)" in table and "approximate" in table
+    assert (
+        "canonicalize" in table and "scale-logits(factor=3.0)" in table and "approximate" in table
+    )
     data = json.loads(result.report.to_json())
     assert [p["name"] for p in data["passes"]] == ["canonicalize", "scale-logits"]
     assert data["passes"][0]["error"]["ok"] is True
@@ -193,7 +205,9 @@ def test_an_exact_pass_that_changes_outputs_is_caught() -> None:
 
 def test_verify_each_print_after_and_disable(monkeypatch, capsys) -> None:
     _, gm = traced(ModelSpec("gpt2", layers=1))
-    result = Pipeline.parse("canonicalize").run(gm, PassContext(verify_each=True, print_after="changed"))
+    result = Pipeline.parse("canonicalize").run(
+        gm, PassContext(verify_each=True, print_after="changed")
+    )
     assert "# graph after canonicalize" in capsys.readouterr().out
     assert result.report.records[0].error.ok
     monkeypatch.setenv("REWRITER_DISABLE", "scale-logits")

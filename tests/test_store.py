@@ -17,7 +17,9 @@ def _gpt2(tied: bool = True) -> torch.fx.GraphModule:
 
 
 def _center_rows(name: str) -> Edit:
-    return Edit(name, (name,), lambda b: (r := b.rows(name)) - r.mean(-1, keepdim=True), note="center rows")
+    return Edit(
+        name, (name,), lambda b: (r := b.rows(name)) - r.mean(-1, keepdim=True), note="center rows"
+    )
 
 
 def test_edit_is_computed_in_float64_and_cast_once() -> None:
@@ -48,8 +50,10 @@ def test_blocks_give_bit_identical_results() -> None:
         store.apply(column_mean)
     assert torch.equal(small.read(name), big.read(name))
     torch.testing.assert_close(
-        small.read("transformer.h.0.mlp.c_fc.bias"), big.read("transformer.h.0.mlp.c_fc.bias"),
-        rtol=0, atol=1e-6,
+        small.read("transformer.h.0.mlp.c_fc.bias"),
+        big.read("transformer.h.0.mlp.c_fc.bias"),
+        rtol=0,
+        atol=1e-6,
     )
 
 
@@ -75,9 +79,17 @@ def test_undeclared_reads_and_bad_shapes_are_refused() -> None:
     with pytest.raises(KeyError, match="without declaring"):
         store.apply(Edit("transformer.wpe.weight", (), lambda b: b.rows("transformer.wte.weight")))
     with pytest.raises(ValueError, match="returned rows of shape"):
-        store.apply(Edit("transformer.wpe.weight", ("transformer.wpe.weight",), lambda b: b.rows("transformer.wpe.weight")[:, :3]))
+        store.apply(
+            Edit(
+                "transformer.wpe.weight",
+                ("transformer.wpe.weight",),
+                lambda b: b.rows("transformer.wpe.weight")[:, :3],
+            )
+        )
     with pytest.raises(KeyError, match="unknown tensor"):
-        store.apply(Edit("transformer.wpe.weight", ("nope.weight",), lambda b: b.rows("nope.weight")))
+        store.apply(
+            Edit("transformer.wpe.weight", ("nope.weight",), lambda b: b.rows("nope.weight"))
+        )
 
 
 def test_writes_are_copy_on_write() -> None:
@@ -104,6 +116,12 @@ def test_writes_follow_ties_by_name_and_own_makes_private_copies() -> None:
 
 def test_fresh_names_avoid_collisions() -> None:
     store = ModuleStore(_gpt2())
-    assert store.fresh_name("transformer.h.0.attn.c_attn.lora_A") == "transformer.h.0.attn.c_attn.lora_A"
-    assert store.fresh_name("transformer.h.0.attn.c_attn.weight") == "transformer.h.0.attn.c_attn.weight_1"
+    assert (
+        store.fresh_name("transformer.h.0.attn.c_attn.lora_A")
+        == "transformer.h.0.attn.c_attn.lora_A"
+    )
+    assert (
+        store.fresh_name("transformer.h.0.attn.c_attn.weight")
+        == "transformer.h.0.attn.c_attn.weight_1"
+    )
     assert store.fresh_name("transformer.h.0") == "transformer.h.0_1"

@@ -49,7 +49,9 @@ def test_trace_with_attention_mask_and_dynamic_dims(family: str) -> None:
     ids = spec.example_inputs(batch=3, seq=9)[0]
     mask = torch.ones_like(ids)
     mask[0, :4] = 0
-    gm = rewriter.trace(model, kwargs={"input_ids": ids, "attention_mask": mask}, dynamic_shapes="auto")
+    gm = rewriter.trace(
+        model, kwargs={"input_ids": ids, "attention_mask": mask}, dynamic_shapes="auto"
+    )
     info = rewriter.trace_info(gm)
     assert info.input_names == ("input_ids", "attention_mask")
     assert set(info.dynamic_dims["input_ids"].values()) == {"batch", "seq"}
@@ -73,9 +75,13 @@ def test_trace_records_ranges_from_the_model() -> None:
 @pytest.mark.parametrize("size", [0, 1])
 def test_dynamic_dim_with_special_example_size_is_explained(size: int) -> None:
     spec = ModelSpec("gpt2")
-    ids = torch.zeros(2, size, dtype=torch.long) if size == 0 else torch.zeros(size, 8, dtype=torch.long)
+    ids = (
+        torch.zeros(2, size, dtype=torch.long)
+        if size == 0
+        else torch.zeros(size, 8, dtype=torch.long)
+    )
     dims = {"input_ids": {1: "seq"}} if size == 0 else {"input_ids": {0: "batch"}}
-    with pytest.raises(TraceError, match=f"has size {size}.*size >= 2"):
+    with pytest.raises(TraceError, match=rf"has size {size}.*size >= 2"):
         rewriter.trace(spec.build(), (ids,), dynamic_shapes=dims)
 
 
@@ -109,7 +115,7 @@ def test_bad_inputs_are_named() -> None:
         rewriter.trace(model, (3,))
     with pytest.raises(TraceError, match="names inputs"):
         rewriter.trace(model, (torch.randn(2, 4),), dynamic_shapes={"nope": {0: "batch"}})
-    with pytest.raises(TraceError, match="nn.Module"):
+    with pytest.raises(TraceError, match=r"nn\.Module"):
         rewriter.trace(lambda x: x, (torch.randn(2),))  # type: ignore[arg-type]
 
 
