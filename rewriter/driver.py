@@ -218,9 +218,12 @@ class Rewriter:
         if not isinstance(self.store, ModuleStore):
             raise TypeError("adding tensors needs the in-memory store")
         name = self.store.fresh_name(hint)
-        value = torch.nn.Parameter(tensor, requires_grad=trainable) if trainable else tensor
-        if not trainable and tensor.is_floating_point():
-            value = torch.nn.Parameter(tensor, requires_grad=False)
+        if tensor.is_floating_point():
+            value: torch.Tensor = torch.nn.Parameter(tensor, requires_grad=trainable)
+        elif trainable:
+            raise TypeError(f"'{name}': only floating-point tensors can be trainable")
+        else:
+            value = tensor  # packed integers and the like become buffers
         self.store.write(name, value, note=f"new tensor from {self.pass_name}")
         return self.weight(name, rule=rule)
 

@@ -43,6 +43,7 @@ __all__ = [
     "set_tensor",
     "tie_groups",
     "transparent_users",
+    "weight_name_for",
 ]
 
 aten = torch.ops.aten
@@ -179,6 +180,16 @@ def module_path(node: torch.fx.Node) -> str | None:
     """Path of the innermost module that produced ``node`` (``transformer.h.0.attn``)."""
     source = source_module(node)
     return source[0] if source else None
+
+
+def weight_name_for(node: torch.fx.Node, suffix: str) -> str:
+    """A name for a new tensor used by ``node``: its module path plus ``suffix``.
+
+    ``weight_name_for(linear_node, "lora_A") == "transformer.h.0.attn.c_attn.lora_A"``; nodes
+    without a source module fall back to the node's own name. The store makes it unique.
+    """
+    path = module_path(node)
+    return f"{path}.{suffix}" if path else f"{node.name}_{suffix}"
 
 
 # --- linear maps ---------------------------------------------------------------------------------

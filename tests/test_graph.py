@@ -20,6 +20,7 @@ from rewriter.graph import (
     refresh_meta,
     tie_groups,
     transparent_users,
+    weight_name_for,
 )
 from rewriter.testing import traced
 
@@ -126,6 +127,18 @@ def test_look_through_stream_transparent_ops() -> None:
     assert views and all(is_transparent(v) for v in views)  # (B*T, d) -> (B, T, d) keeps d
     splits = [n for n in gm.graph.nodes if n.target == aten.view.default and len(n.args[1]) == 4]
     assert splits and not any(is_transparent(v) for v in splits)  # head split changes the last dim
+
+
+def test_new_weights_are_named_by_the_module_that_uses_them() -> None:
+    _, gm = traced(ModelSpec("gpt2"))
+    gm = copy_graph_module(gm)
+    lin = linear_maps(gm)[0]
+    rw = Rewriter(gm, pass_name="test")
+    node = rw.add_weight(weight_name_for(lin.node, "lora_A"), torch.zeros(2, 16), trainable=True)
+    assert node.target == "transformer.h.0.attn.c_attn.lora_A"
+    assert gm.get_parameter(node.target).requires_grad
+    again = rw.add_weight(weight_name_for(lin.node, "lora_A"), torch.zeros(2, 16))
+    assert again.target == "transformer.h.0.attn.c_attn.lora_A_1"
 
 
 def test_printer_is_stable_across_traces() -> None:
