@@ -98,20 +98,27 @@ def _gpt2(spec: ModelSpec) -> Any:
     )
 
 
+def _standard(spec: ModelSpec, ffn_key: str = "intermediate_size") -> dict[str, Any]:
+    """The config keys most Hugging Face families spell the same way."""
+    return {
+        "hidden_size": spec.hidden,
+        "num_hidden_layers": spec.layers,
+        "num_attention_heads": spec.heads,
+        ffn_key: spec.ffn_mult * spec.hidden,
+        "vocab_size": spec.vocab,
+        "max_position_embeddings": spec.max_positions,
+        "tie_word_embeddings": spec.tied,
+    }
+
+
 def _opt(spec: ModelSpec) -> Any:
     from transformers import OPTConfig
 
     return OPTConfig(
-        hidden_size=spec.hidden,
-        num_hidden_layers=spec.layers,
-        num_attention_heads=spec.heads,
-        ffn_dim=spec.ffn_mult * spec.hidden,
-        vocab_size=spec.vocab,
-        max_position_embeddings=spec.max_positions,
+        **_standard(spec, ffn_key="ffn_dim"),
         word_embed_proj_dim=spec.option("word_embed_proj_dim", spec.hidden),
         do_layer_norm_before=spec.option("do_layer_norm_before", True),
         enable_bias=spec.bias,
-        tie_word_embeddings=spec.tied,
         pad_token_id=1,
         bos_token_id=0,
         eos_token_id=0,
@@ -122,15 +129,9 @@ def _gpt_neox(spec: ModelSpec) -> Any:
     from transformers import GPTNeoXConfig
 
     return GPTNeoXConfig(
-        hidden_size=spec.hidden,
-        num_hidden_layers=spec.layers,
-        num_attention_heads=spec.heads,
-        intermediate_size=spec.ffn_mult * spec.hidden,
-        vocab_size=spec.vocab,
-        max_position_embeddings=spec.max_positions,
+        **_standard(spec),
         use_parallel_residual=spec.option("use_parallel_residual", True),
         attention_bias=spec.bias,
-        tie_word_embeddings=spec.tied,
         bos_token_id=0,
         eos_token_id=0,
     )
@@ -156,17 +157,11 @@ def _llama(spec: ModelSpec) -> Any:
     from transformers import LlamaConfig
 
     return LlamaConfig(
-        hidden_size=spec.hidden,
-        num_hidden_layers=spec.layers,
-        num_attention_heads=spec.heads,
+        **_standard(spec),
         num_key_value_heads=spec.option("kv_heads", spec.heads),
         head_dim=spec.head_dim,
-        intermediate_size=spec.ffn_mult * spec.hidden,
-        vocab_size=spec.vocab,
-        max_position_embeddings=spec.max_positions,
         attention_bias=spec.bias,
         mlp_bias=spec.bias,
-        tie_word_embeddings=spec.tied,
         bos_token_id=0,
         eos_token_id=0,
         pad_token_id=0,
@@ -176,16 +171,7 @@ def _llama(spec: ModelSpec) -> Any:
 def _bert(spec: ModelSpec) -> Any:
     from transformers import BertConfig
 
-    return BertConfig(
-        hidden_size=spec.hidden,
-        num_hidden_layers=spec.layers,
-        num_attention_heads=spec.heads,
-        intermediate_size=spec.ffn_mult * spec.hidden,
-        vocab_size=spec.vocab,
-        max_position_embeddings=spec.max_positions,
-        tie_word_embeddings=spec.tied,
-        pad_token_id=0,
-    )
+    return BertConfig(**_standard(spec), pad_token_id=0)
 
 
 _CONFIGS = {
@@ -280,17 +266,16 @@ def _inject_outliers(model: nn.Module, generator: torch.Generator, spec: ModelSp
     hidden = spec.hidden
     channels = torch.randperm(hidden, generator=generator)[: max(1, hidden // 16)]
     embeddings = [m for m in model.modules() if isinstance(m, nn.Embedding)]
+    tables = {id(m.weight) for m in embeddings}  # a tied head is scaled as the embedding it is
     for module in model.modules():
+        weight = getattr(module, "weight", None)
+        if not isinstance(weight, torch.Tensor):
+            continue
         if _is_norm(module):
-            weight = getattr(module, "weight", None)
-            if isinstance(weight, torch.Tensor) and weight.shape[-1] == hidden:
+            if weight.shape[-1] == hidden:
                 weight[..., channels] *= 8.0
-        elif isinstance(getattr(module, "weight", None), torch.Tensor) and not isinstance(
-            module, nn.Embedding
-        ):
-            weight = module.weight
-            if weight.dim() == 2:
-                weight.mul_(3.0)
+        elif weight.dim() == 2 and id(weight) not in tables:
+            weight.mul_(3.0)
     for embedding in embeddings:
         table = embedding.weight
         table.add_(torch.randn(table.shape[0], 1, generator=generator))
