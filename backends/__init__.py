@@ -1,0 +1,20 @@
+"""Backends: lower a rewritten graph to a runtime and check it against the graph.
+
+One module or folder per backend. Each declares, as data, the ``rewriter::`` ops it lowers
+natively (``NATIVE``); other ``rewriter::`` ops go through their ATen decompositions
+(:func:`rewriter.ops.check_lowerable`). Submodules load on first use:
+``rewriter.backends.onnx``.
+"""
+
+from __future__ import annotations
+
+import importlib
+from types import ModuleType
+
+__all__ = ["onnx"]
+
+
+def __getattr__(name: str) -> ModuleType:
+    if name in __all__:
+        return importlib.import_module(f"{__name__}.{name}")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -10,6 +10,8 @@ model, and export it::
     result = rewriter.Pipeline.parse("canonicalize").run(gm, ctx)
     print(result.report.table())
     rewriter.verify.assert_equivalent(model, result.graph_module)
+    rewriter.backends.onnx.export(result.graph_module, None, "out/model.onnx")
+    rewriter.save(result.graph_module, "out/model.pt2")
 
 This module is the facade: it re-exports the public names of the core and is, with the CLI,
 the only core module that reaches up into ``rewriter.passes``.
@@ -29,6 +31,7 @@ from rewriter.errors import (
 )
 from rewriter.graph import format_graph
 from rewriter.pipeline import Pass, PassResult, Pipeline, PipelineResult, Report, option
+from rewriter.serialize import load, save, save_pretrained
 from rewriter.spec import Budget
 from rewriter.store import Edit, weights
 from rewriter.trace import TraceInfo, trace, trace_info
@@ -42,6 +45,15 @@ def register_pass(cls: type) -> type:
     from rewriter.passes import register_pass as _register
 
     return _register(cls)
+
+
+def __getattr__(name: str) -> object:
+    # Heavier parts load on first use: rewriter.backends, rewriter.zoo, rewriter.metrics.
+    if name in ("backends", "zoo", "metrics", "passes"):
+        import importlib
+
+        return importlib.import_module(f"rewriter.{name}")
+    raise AttributeError(f"module 'rewriter' has no attribute {name!r}")
 
 
 def available_passes() -> list[str]:
@@ -70,9 +82,12 @@ __all__ = [
     "TrainReport",
     "available_passes",
     "format_graph",
+    "load",
     "ops",
     "option",
     "register_pass",
+    "save",
+    "save_pretrained",
     "trace",
     "trace_info",
     "train",

@@ -1,41 +1,77 @@
-"""The ``rewriter`` command: list passes, run the demo.
+"""The ``rewriter`` command: list passes, rewrite a model, run the demo.
 
-``rewriter passes`` prints every registered pass with its one-line doc and options.
-``rewriter demo`` traces a model, runs the default pipeline, verifies the result against the
-model with hypothesis-drawn inputs, and prints the report table (``make demo`` runs it).
+``rewriter passes``
+    Every registered pass with its one-line doc and options.
+``rewriter run --model MODEL --passes SPEC --out DIR [--backend onnx] [--calib TEXT|FILE]
+[--eval-text FILE] [--force]``
+    Trace MODEL, run the pipeline, write ``model.pt2`` (and ``model.onnx``, checked in ONNX
+    Runtime, with ``--backend onnx``) and ``report.json``, print the report table. MODEL is
+    ``tiny-gpt2`` (the embedded model), a local Hugging Face directory, a config ``.json`` (random
+    weights), or ``package.module:factory``, which imports and runs that code (a factory returns
+    a model or ``(model, tokenizer)``). Remote code in Hugging Face configs is refused.
+``rewriter demo [--out DIR]``
+    ``make demo``: the embedded model through the default pipeline, verified against the
+    original with hypothesis-drawn inputs, exported to ONNX Runtime and checked, with time,
+    rewrites, error and perplexity per pass; artifacts in ``out/demo`` (replaced on each run).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import importlib
 import json
 import shutil
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
-__all__ = ["main"]
+__all__ = ["DEFAULT_PIPELINE", "main"]
 
 DEFAULT_PIPELINE = "canonicalize"
-"""The demo's pipeline; later passes join it as they land."""
+"""The demo's pipeline; passes join it as they land."""
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="rewriter", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
-
     commands.add_parser("passes", help="list passes, their one-line docs and options")
 
-    demo = commands.add_parser("demo", help="trace, rewrite, verify and report on a demo model")
-    demo.add_argument("--out", default="out/demo", help="directory for the artifacts (replaced)")
+    run = commands.add_parser("run", help="trace a model, run a pipeline, write the artifacts")
+    run.add_argument("--model", required=True, help="tiny-gpt2 | HF directory | config.json | module:factory")
+    run.add_argument("--passes", required=True, help='pipeline spec, e.g. "canonicalize"')
+    run.add_argument("--out", required=True, type=Path, help="output directory")
+    run.add_argument("--backend", choices=["onnx"], help="also export and check with this backend")
+    run.add_argument("--calib", help="calibration text, or a file holding it")
+    run.add_argument("--eval-text", help="file with evaluation text (perplexity per pass)")
+    run.add_argument("--force", action="store_true", help="replace an existing output directory")
+    run.add_argument("--seq", type=int, default=32, help="example sequence length for tracing")
+
+    demo = commands.add_parser("demo", help="the embedded model through the default pipeline")
+    demo.add_argument("--out", type=Path, default=Path("out/demo"), help="artifact directory (replaced)")
     demo.add_argument("--pipeline", default=DEFAULT_PIPELINE, help="pipeline spec to run")
     demo.add_argument("--examples", type=int, default=8, help="hypothesis examples for verify")
 
     args = parser.parse_args(argv)
-    if args.command == "passes":
-        return _passes()
-    return _demo(Path(args.out), args.pipeline, args.examples)
+    from transformers.utils import logging as hf_logging
+
+    from rewriter.errors import RewriterError
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+
+    try:
+        if args.command == "passes":
+            return _passes()
+        if args.command == "run":
+            return _run(args)
+        return _demo(args.out, args.pipeline, args.examples)
+    except RewriterError as error:
+        print(f"rewriter: error: {error}", file=sys.stderr)
+        return 2
 
 
 def _passes() -> int:
@@ -49,53 +85,236 @@ def _passes() -> int:
     return 0
 
 
-def _demo(out: Path, spec: str, examples: int) -> int:
-    import torch
+# --- run ------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class _Loaded:
+    model: Any
+    tokenizer: Any
+    description: str
+    eval_text: str | None = None
+    calibration_text: str | None = None
+
+
+def _run(args: argparse.Namespace) -> int:
+    from rewriter.errors import RewriterError
 
     import rewriter
-    from rewriter.families import ModelSpec
-    from rewriter.graph import op_counts
 
-    torch.manual_seed(0)
-    model_spec = ModelSpec("llama", layers=4, heads=4, head_dim=32, vocab=2048, max_positions=256)
-    model = model_spec.build()
-    print(
-        f"demo model: LlamaForCausalLM, {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M "
-        "parameters (random weights, built from a config)"
-    )
-    (ids,) = model_spec.example_inputs(batch=2, seq=32)
-    start = time.perf_counter()
-    gm = rewriter.trace(model, (ids,), dynamic_shapes="auto")
-    print(f"traced in {time.perf_counter() - start:.2f}s: {len(gm.graph.nodes)} nodes")
-
-    result = rewriter.Pipeline.parse(spec).run(gm, rewriter.PassContext(seed=0))
-    print(result.report.table())
-    before, after = op_counts(gm), op_counts(result.graph_module)
-    print(
-        "ops before -> after: "
-        + ", ".join(
-            f"{k.removeprefix('aten.')} {before.get(k, 0)}->{after.get(k, 0)}"
-            for k in sorted(set(before) | set(after))
-            if before.get(k, 0) != after.get(k, 0)
-        )
-    )
-
-    start = time.perf_counter()
-    report = rewriter.verify.assert_equivalent(model, result.graph_module, max_examples=examples)
-    print(
-        f"verified against the model on the example and {examples} hypothesis-drawn inputs "
-        f"in {time.perf_counter() - start:.1f}s: {report}"
-    )
-
+    out: Path = args.out
+    if out.exists() and any(out.iterdir()) and not args.force:
+        raise RewriterError(f"{out} exists and is not empty; pass --force to replace it")
+    rewriter.Pipeline.parse(args.passes)  # a bad spec fails before the model loads
+    loaded = _load_model(args.model)
+    calibration = _text_argument(args.calib) if args.calib else loaded.calibration_text
+    evaluation = Path(args.eval_text).read_text(encoding="utf-8") if args.eval_text else loaded.eval_text
     if out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True)
-    (out / "report.json").write_text(result.report.to_json())
-    (out / "graph_before.txt").write_text(rewriter.format_graph(gm))
-    (out / "graph_after.txt").write_text(rewriter.format_graph(result.graph_module))
-    (out / "verify.json").write_text(json.dumps(report.to_dict(), indent=2))
-    print(f"artifacts in {out}/")
-    return 0
+    summary = _rewrite(loaded, args.passes, out, calibration, evaluation, args.backend, seq=args.seq)
+    print(f"artifacts in {out}/: " + ", ".join(sorted(p.name for p in out.iterdir())))
+    return 0 if summary["ok"] else 1
+
+
+def _text_argument(value: str) -> str:
+    path = Path(value)
+    return path.read_text(encoding="utf-8") if path.is_file() else value
+
+
+def _load_model(spec: str) -> _Loaded:
+    from rewriter.errors import RewriterError
+
+    if spec == "tiny-gpt2":
+        from rewriter import zoo
+
+        model, tokenizer = zoo.tiny_gpt2()
+        return _Loaded(model, tokenizer, "tiny-gpt2 (embedded)", zoo.eval_text(), zoo.calibration_text())
+    path = Path(spec)
+    if path.is_dir():
+        return _load_directory(path)
+    if path.suffix == ".json" and path.is_file():
+        return _load_config(path)
+    if ":" in spec and not path.exists():
+        module_name, _, factory_name = spec.partition(":")
+        factory = getattr(importlib.import_module(module_name), factory_name)
+        made = factory()
+        model, tokenizer = made if isinstance(made, tuple) else (made, None)
+        return _Loaded(model.eval(), tokenizer, f"{spec}()")
+    raise RewriterError(
+        f"--model {spec!r} is not tiny-gpt2, a Hugging Face directory, a config .json or "
+        "package.module:factory"
+    )
+
+
+def _refuse_remote_code(config: dict[str, Any], where: Path) -> None:
+    from rewriter.errors import RewriterError
+
+    if "auto_map" in config:
+        raise RewriterError(
+            f"{where} asks for remote code (auto_map); rewriter never sets trust_remote_code. "
+            "Load the model yourself and pass it as package.module:factory if you trust it."
+        )
+
+
+def _model_class(config: Any) -> Any:
+    import transformers
+
+    architectures = getattr(config, "architectures", None) or []
+    for name in architectures:
+        cls = getattr(transformers, name, None)
+        if cls is not None:
+            return cls
+    return transformers.AutoModelForCausalLM
+
+
+def _load_directory(path: Path) -> _Loaded:
+    import transformers
+
+    config_file = path / "config.json"
+    if config_file.exists():
+        _refuse_remote_code(json.loads(config_file.read_text()), config_file)
+    config = transformers.AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=False)
+    cls = _model_class(config)
+    has_weights = any(path.glob("*.safetensors")) or any(path.glob("*.bin"))
+    if has_weights:
+        model = cls.from_pretrained(path, local_files_only=True, trust_remote_code=False)
+    else:
+        model = cls._from_config(config) if hasattr(cls, "_from_config") else cls.from_config(config)
+    tokenizer = None
+    if any((path / name).exists() for name in ("tokenizer.json", "tokenizer_config.json", "vocab.json")):
+        tokenizer = transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
+    state = "pretrained weights" if has_weights else "random weights (no weights in the directory)"
+    return _Loaded(model.eval(), tokenizer, f"{cls.__name__} from {path} ({state})")
+
+
+def _load_config(path: Path) -> _Loaded:
+    import transformers
+
+    data = json.loads(path.read_text())
+    _refuse_remote_code(data, path)
+    config = transformers.AutoConfig.for_model(**data) if "model_type" in data else None
+    if config is None:
+        from rewriter.errors import RewriterError
+
+        raise RewriterError(f"{path} has no model_type; it is not a Hugging Face config")
+    cls = _model_class(config)
+    model = cls._from_config(config)
+    return _Loaded(model.eval(), None, f"{cls.__name__} from {path} (random weights)")
+
+
+def _example_ids(loaded: _Loaded, seq: int) -> Any:
+    import torch
+
+    from rewriter.metrics import encode
+
+    limit = _max_positions(loaded.model)
+    seq = min(seq, limit) if limit else seq
+    if loaded.tokenizer is not None and loaded.eval_text:
+        ids = encode(loaded.tokenizer, loaded.eval_text[: 20 * seq])[: 2 * seq]
+        if ids.numel() == 2 * seq:
+            return ids.view(2, seq)
+    vocab = getattr(getattr(loaded.model, "config", None), "vocab_size", None) or 100
+    return torch.randint(0, vocab, (2, seq), generator=torch.Generator().manual_seed(0))
+
+
+def _max_positions(model: Any) -> int | None:
+    config = getattr(model, "config", None)
+    for key in ("n_positions", "max_position_embeddings"):
+        value = getattr(config, key, None)
+        if isinstance(value, int):
+            return value
+    return None
+
+
+@contextmanager
+def _step(console: Any, text: str) -> Iterator[None]:
+    start = time.perf_counter()
+    with console.status(text):
+        yield
+    console.print(f"{text} done in {time.perf_counter() - start:.1f}s")
+
+
+def _rewrite(
+    loaded: _Loaded,
+    spec: str,
+    out: Path,
+    calibration: str | None,
+    evaluation: str | None,
+    backend: str | None,
+    *,
+    seq: int = 32,
+    examples: int = 0,
+) -> dict[str, Any]:
+    """Trace, run the pipeline, verify, save, optionally export; print and write the report."""
+    from rich.console import Console
+
+    import rewriter
+
+    console = Console(stderr=True)
+    pipeline = rewriter.Pipeline.parse(spec)  # fail on a bad spec before any work
+    ids = _example_ids(loaded, seq)
+    with _step(console, f"tracing {loaded.description}"):
+        gm = rewriter.trace(loaded.model, (ids,), dynamic_shapes="auto")
+    ctx = rewriter.PassContext(
+        calibration=calibration,
+        evaluation=evaluation if loaded.tokenizer is not None else None,
+        tokenizer=loaded.tokenizer,
+        seed=0,
+    )
+    with _step(console, f"running {pipeline}"):
+        result = rewriter.Pipeline.run(pipeline, gm, ctx)
+    print(result.report.table())
+    summary: dict[str, Any] = {"model": loaded.description, "pipeline": str(pipeline), "ok": True}
+    final = rewriter.verify.compare(loaded.model, result.graph_module, (ids,))
+    summary["error_vs_model"] = final.to_dict()
+    all_exact = all(r.exact for r in result.report.records)
+    if examples and all_exact:
+        with _step(console, f"verifying against the model on {examples} hypothesis-drawn inputs"):
+            rewriter.verify.assert_equivalent(loaded.model, result.graph_module, max_examples=examples)
+        summary["hypothesis_examples"] = examples
+    print(f"whole pipeline vs the original model: {final}")
+    if all_exact and not final.ok:
+        summary["ok"] = False
+    with _step(console, "saving model.pt2"):
+        rewriter.save(result.graph_module, out / "model.pt2")
+    if backend == "onnx":
+        onnx = rewriter.backends.onnx
+        with _step(console, "exporting to ONNX and checking in ONNX Runtime"):
+            exported = onnx.export(result.graph_module, None, out / "model.onnx")
+            check = onnx.check(result.graph_module, exported.path)
+        summary["onnx"] = {"opset": exported.opset, "notes": exported.notes, "check": check.to_dict()}
+        print(f"ONNX Runtime vs the graph: {check}")
+        summary["ok"] = summary["ok"] and check.ok
+    summary["report"] = result.report.to_dict()
+    (out / "report.json").write_text(json.dumps(summary, indent=2, default=str))
+    (out / "graph.txt").write_text(rewriter.format_graph(result.graph_module))
+    return summary
+
+
+# --- demo -----------------------------------------------------------------------------------------
+
+
+def _demo(out: Path, spec: str, examples: int) -> int:
+    import torch
+
+    from rewriter import zoo
+
+    torch.manual_seed(0)
+    model, tokenizer = zoo.tiny_gpt2()
+    metrics = zoo.metrics()
+    print(
+        f"embedded model: GPT-2 style, {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M "
+        f"parameters, trained on Python docstrings; held-out perplexity "
+        f"{metrics['held_out_perplexity']:.1f} (bigram baseline {metrics['bigram_held_out_perplexity']:.1f})"
+    )
+    loaded = _Loaded(model, tokenizer, "tiny-gpt2 (embedded)", zoo.eval_text(), zoo.calibration_text())
+    if out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    summary = _rewrite(loaded, spec, out, loaded.calibration_text, loaded.eval_text, "onnx", examples=examples)
+    print(f"artifacts in {out}/: " + ", ".join(sorted(p.name for p in out.iterdir())))
+    return 0 if summary["ok"] else 1
 
 
 if __name__ == "__main__":

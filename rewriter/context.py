@@ -34,7 +34,8 @@ class PassContext:
     calibration: Any = None
     """Calibration data: text (str or list of str) or token ids (a [B, T] tensor or a list)."""
     evaluation: Any = None
-    """Evaluation data in the same forms (perplexity in reports, budgets)."""
+    """Evaluation data in the same forms. When given, pipelines report the perplexity of the
+    input graph and after every pass, and budgets are measured on it."""
     tokenizer: Any = None
     """Tokenizer for text data: Hugging Face ``PreTrainedTokenizer`` or ``tokenizers.Tokenizer``."""
     seed: int = 0
@@ -54,6 +55,8 @@ class PassContext:
     """Print the graph after each pass: ``"all"`` or ``"changed"``."""
     reproducer_dir: str | None = None
     """If set, a failing pass saves its input graph and the spec here."""
+    eval_tokens: int | None = None
+    """Evaluate perplexity on at most this many tokens of the evaluation data (None: all)."""
     seq_len: int = 128
     """Default sequence length when text is cut into batches."""
     batch_size: int = 8
@@ -108,6 +111,17 @@ class PassContext:
         encoded = self.tokenizer.encode(text)
         ids = getattr(encoded, "ids", encoded)
         return torch.tensor(ids, dtype=torch.long)
+
+    def evaluation_ids(self) -> torch.Tensor:
+        """The evaluation data as one stream of token ids (for perplexity)."""
+        data = self.require("evaluation", "perplexity")
+        if isinstance(data, str) or (isinstance(data, Sequence) and data and isinstance(data[0], str)):
+            ids = self.encode(data if isinstance(data, str) else "\n".join(data))
+        elif isinstance(data, torch.Tensor):
+            ids = data.reshape(-1)
+        else:
+            ids = torch.cat([torch.as_tensor(b).reshape(-1) for b in data])
+        return ids[: self.eval_tokens] if self.eval_tokens is not None else ids
 
     def generator(self, offset: int = 0) -> torch.Generator:
         """A CPU generator seeded from the context's seed (plus ``offset``)."""

@@ -20,6 +20,7 @@ import torch.fx
 from torch._guards import detect_fake_mode
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.fx.passes.fake_tensor_prop import FakeTensorProp
+from torch.utils import _pytree as pytree
 
 from rewriter.errors import describe_node, source_module
 
@@ -37,6 +38,7 @@ __all__ = [
     "look_back",
     "module_path",
     "op_counts",
+    "output_names",
     "propagate_node",
     "prune_dead_get_attrs",
     "refresh_meta",
@@ -171,6 +173,23 @@ def prune_dead_get_attrs(gm: torch.fx.GraphModule) -> list[str]:
             owner._buffers.pop(field, None)
             removed.append(name)
     return removed
+
+
+def output_names(gm: torch.fx.GraphModule) -> list[str]:
+    """Names for the graph's flat outputs from its output pytree (``["logits"]`` for HF LMs)."""
+    info = getattr(gm.graph._codegen, "pytree_info", None)
+    spec = getattr(info, "out_spec", None)
+    if spec is None:
+        count = len(pytree.tree_leaves(next(iter(gm.graph.find_nodes(op="output"))).args[0]))
+        return ["output"] if count == 1 else [f"output_{i}" for i in range(count)]
+    dummy = pytree.tree_unflatten(list(range(spec.num_leaves)), spec)
+    names = []
+    for path, _ in pytree.tree_flatten_with_path(dummy)[0]:
+        parts = [str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path]
+        names.append("_".join(parts) or "output")
+    if len(set(names)) != len(names) or any(not n.isidentifier() for n in names):
+        return [f"output_{i}" for i in range(len(names))]
+    return names
 
 
 # --- provenance ----------------------------------------------------------------------------------

@@ -247,6 +247,8 @@ class Report:
 
     pipeline: str
     records: list[PassRecord] = dataclasses.field(default_factory=list)
+    baseline: dict[str, Any] = dataclasses.field(default_factory=dict)
+    """Metrics of the pipeline's input graph (``{"ppl": 41.7}`` with evaluation data)."""
 
     @property
     def seconds(self) -> float:
@@ -256,6 +258,7 @@ class Report:
         return {
             "pipeline": self.pipeline,
             "seconds": self.seconds,
+            "baseline": self.baseline,
             "passes": [r.to_dict() for r in self.records],
         }
 
@@ -267,7 +270,10 @@ class Report:
         from rich.console import Console
         from rich.table import Table
 
-        table = Table(title=f"pipeline: {self.pipeline}")
+        title = f"pipeline: {self.pipeline}"
+        if self.baseline:
+            title += "  (input: " + ", ".join(f"{k} {_format_metric(v)}" for k, v in self.baseline.items()) + ")"
+        table = Table(title=title)
         for column in ("pass", "time", "rewrites", "max abs err", "status", "notes"):
             table.add_column(column, justify="right" if column in ("time", "rewrites") else "left")
         metric_keys = sorted({k for r in self.records for k, v in r.metrics.items() if _scalar(v)})
@@ -359,6 +365,8 @@ class Pipeline:
             n.strip() for n in os.environ.get("REWRITER_DISABLE", "").split(",") if n.strip()
         }
         examples = _example_inputs(gm, ctx)
+        evaluation = _Evaluation(ctx)
+        report.baseline.update(evaluation(gm))
         current = gm
         ran: list[str] = []
         for step in self.passes:
@@ -380,6 +388,7 @@ class Pipeline:
                 )
                 continue
             current = self._run_one(step, current, ctx, examples, ran, report)
+            report.records[-1].metrics.update(evaluation(current))
             ran.append(step.spec())
         return PipelineResult(current, report)
 
@@ -458,6 +467,20 @@ class Pipeline:
                 torch.export.save(ep, directory / "input.pt2")
             except Exception as error:
                 (directory / "input.pt2.error.txt").write_text(str(error))
+
+
+class _Evaluation:
+    """Perplexity of a graph on the context's evaluation data (nothing without such data)."""
+
+    def __init__(self, ctx: PassContext) -> None:
+        self.ids = ctx.evaluation_ids() if ctx.evaluation is not None else None
+
+    def __call__(self, gm: torch.fx.GraphModule) -> dict[str, float]:
+        if self.ids is None:
+            return {}
+        from rewriter.metrics import perplexity_of_ids
+
+        return {"ppl": perplexity_of_ids(gm, self.ids)}
 
 
 def _call_args(info: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:

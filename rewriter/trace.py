@@ -120,7 +120,7 @@ def trace(
     spec, requested = _normalize_dynamic_shapes(dynamic_shapes, input_names, args, tensor_kwargs)
 
     with eval_mode(model), _bound_forward(model, bound_kwargs):
-        ep = _export_with_fixes(model, args, tensor_kwargs, spec)
+        ep, spec = _export_with_fixes(model, args, tensor_kwargs, spec)
 
     gm = _plain_graph_module(ep)
     _clone_weights(gm)
@@ -300,14 +300,16 @@ def _export_with_fixes(
     args: tuple[torch.Tensor, ...],
     kwargs: dict[str, torch.Tensor],
     spec: Any,
-) -> torch.export.ExportedProgram:
-    """Export; when the model bounds a named dim (``seq <= n_positions``), apply the bound."""
+) -> tuple[torch.export.ExportedProgram, Any]:
+    """Export; when the model bounds a named dim (``seq <= n_positions``), apply the bound.
+
+    Returns the program and the spec that worked (re-exports of the graph need the same one).
+    """
     for _ in range(4):
         try:
-            return torch.export.export(
-                model, args, kwargs=kwargs, dynamic_shapes=spec, strict=False
-            )
-        except Exception as error:
+            ep = torch.export.export(model, args, kwargs=kwargs, dynamic_shapes=spec, strict=False)
+            return ep, spec
+        except Exception as error:  # noqa: BLE001 - every failure is re-raised in user terms
             fixes = _bound_fixes(error)
             if not fixes or spec is None:
                 raise _explain_export_error(error, model) from error

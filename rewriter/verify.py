@@ -52,6 +52,7 @@ __all__ = [
     "InputSpec",
     "assert_equivalent",
     "compare",
+    "compare_outputs",
     "input_specs",
     "inputs",
     "model_specs",
@@ -167,7 +168,7 @@ def compare(
         inputs = info.example_inputs
     ref = outputs(run(reference, inputs, info))
     out = outputs(run(candidate, inputs, info))
-    return _error(ref, out, rtol, atol)
+    return compare_outputs(ref, out, rtol, atol)
 
 
 def _info_of(*models: torch.nn.Module) -> TraceInfo | None:
@@ -177,10 +178,13 @@ def _info_of(*models: torch.nn.Module) -> TraceInfo | None:
     return None
 
 
-def _error(
+def compare_outputs(
     ref: list[torch.Tensor], out: list[torch.Tensor], rtol: float | None, atol: float | None
 ) -> ErrorReport:
-    """Each floating output is held to its own tolerance; integer outputs must be equal."""
+    """Error of flat candidate outputs against reference outputs (the tolerance rule).
+
+    Each floating output is held to its own tolerance; integer outputs must be equal.
+    """
     if len(ref) != len(out):
         raise AssertionError(f"reference has {len(ref)} outputs, candidate {len(out)}")
     max_abs = max_rel = ref_max = total_abs = 0.0

@@ -1,0 +1,400 @@
+"""ONNX Runtime backend: export a rewritten graph, run it, and check it against the graph.
+
+Lowering goes through ``torch.onnx.export(..., dynamo=True)`` on the traced GraphModule (a
+re-export with the dynamic shapes recorded at trace time) and a translation table for the
+``rewriter::`` ops this backend lowers natively (:data:`NATIVE`). Any other ``rewriter::`` op is
+replaced by its ATen decomposition first (the op contract); an op with neither is refused with an
+error naming the op and the node.
+
+Fused ORT kernels are used where they exist: ``aten.rms_norm`` becomes ``RMSNormalization``
+(opset 23, CPU kernel since ORT 1.23); below opset 23 it becomes ORT's
+``SimplifiedLayerNormalization`` instead of a chain of ReduceMean / Pow / Sqrt nodes.
+
+Two exporter traps are handled, each with a regression test:
+
+* **silent opset fallback**: when the final version conversion fails, the exporter logs a
+  warning and leaves the model at opset 18, which is invalid if the graph uses newer ops. The
+  exported opset is checked and a mismatch raises :class:`OnnxExportError`.
+* **fused RotaryEmbedding with dynamic batch**: at opset 23 the exporter's optimizer fuses
+  rotary position embeddings into ``RotaryEmbedding`` nodes whose cos/sin caches keep batch 1,
+  and ORT then fails on any other batch size ("cos_cache ... expected same shape as x"). When the
+  batch is dynamic and the optimized model has such a node, the model is exported again
+  without the exporter's optimizer (ORT's own graph optimizations still run at session start).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import os
+import warnings
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import torch
+import torch.fx
+
+from rewriter import ops
+from rewriter.errors import LoweringError, RewriterError
+from rewriter.graph import copy_graph_module, output_names
+from rewriter.trace import TraceInfo, trace_info
+from rewriter.verify import ErrorReport, compare_outputs, outputs
+
+__all__ = [
+    "NATIVE",
+    "OnnxExport",
+    "OnnxExportError",
+    "check",
+    "export",
+    "run",
+    "session",
+]
+
+DEFAULT_OPSET = 23
+
+
+class OnnxExportError(RewriterError):
+    """The exporter produced something other than what was asked for."""
+
+
+# --- translations of rewriter:: ops ---------------------------------------------------------------
+
+
+def _crms_norm(x: Any, eps: float) -> Any:
+    """``x / sqrt((sum x^2 + (sum x)^2) / (n + 1) + eps)`` in float32 for half inputs."""
+    from onnxscript import opset18 as op
+
+    compute = op.Cast(x, to=onnx.TensorProto.FLOAT) if _is_half(x) else x
+    width = op.CastLike(op.Add(op.Shape(compute, start=-1), op.Constant(value_int=1)), compute)
+    axes = op.Constant(value_ints=[-1])
+    implied = op.ReduceSum(compute, axes, keepdims=1)
+    squares = op.ReduceSum(op.Mul(compute, compute), axes, keepdims=1)
+    mean_square = op.Div(op.Add(squares, op.Mul(implied, implied)), width)
+    epsilon = op.CastLike(op.Constant(value_float=float(eps)), compute)
+    result = op.Div(compute, op.Sqrt(op.Add(mean_square, epsilon)))
+    return op.CastLike(result, x) if _is_half(x) else result
+
+
+def _is_half(value: Any) -> bool:
+    dtype = getattr(value, "dtype", None)
+    return dtype is not None and str(dtype).upper().endswith(("FLOAT16", "BFLOAT16"))
+
+
+NATIVE: dict[str, Any] = {
+    "crms_norm": _crms_norm,
+}
+"""``rewriter::`` ops this backend lowers natively, with their ONNX translations (as data)."""
+
+
+def _simplified_layer_norm(x: Any, normalized_shape: Sequence[int], weight: Any = None, eps: Any = None) -> Any:
+    """``aten.rms_norm`` as ORT's fused ``SimplifiedLayerNormalization`` (opsets below 23)."""
+    from onnxscript import opset18 as op
+
+    width = int(normalized_shape[-1])
+    epsilon = 1e-6 if eps is None else float(eps)  # aten's default is finfo.eps; traced graphs pass it
+    if weight is None:
+        weight = op.CastLike(op.ConstantOfShape(op.Constant(value_ints=[width]),
+                                                value=onnx.helper.make_tensor("one", 1, [1], [1.0])), x)
+    return _ort_default_domain().SimplifiedLayerNormalization(
+        x, weight, axis=-len(normalized_shape), epsilon=epsilon, stash_type=1
+    )
+
+
+def _ort_default_domain() -> Any:
+    # SimplifiedLayerNormalization is an ORT contrib op registered in the default domain.
+    from onnxscript import values
+
+    if not _schema_registered("SimplifiedLayerNormalization", ""):
+        schema = onnx.defs.OpSchema(
+            "SimplifiedLayerNormalization",
+            "",
+            1,
+            inputs=[
+                onnx.defs.OpSchema.FormalParameter("X", "T"),
+                onnx.defs.OpSchema.FormalParameter("scale", "V"),
+            ],
+            outputs=[onnx.defs.OpSchema.FormalParameter("Y", "V")],
+            type_constraints=[
+                ("T", ["tensor(float)", "tensor(float16)", "tensor(double)", "tensor(bfloat16)"], ""),
+                ("V", ["tensor(float)", "tensor(float16)", "tensor(double)", "tensor(bfloat16)"], ""),
+            ],
+            attributes=[
+                onnx.defs.OpSchema.Attribute("axis", onnx.defs.OpSchema.AttrType.INT, ""),
+                onnx.defs.OpSchema.Attribute("epsilon", onnx.defs.OpSchema.AttrType.FLOAT, ""),
+                onnx.defs.OpSchema.Attribute("stash_type", onnx.defs.OpSchema.AttrType.INT, ""),
+            ],
+        )
+        onnx.defs.register_schema(schema)
+    return values.Opset("", 1)
+
+
+def _schema_registered(name: str, domain: str) -> bool:
+    try:
+        onnx.defs.get_schema(name, 1, domain)
+    except onnx.defs.SchemaError:
+        return False
+    return True
+
+
+def translation_table(gm: torch.fx.GraphModule, opset: int) -> dict[Any, Any]:
+    """The custom translation table for ``gm`` at ``opset``."""
+    table: dict[Any, Any] = {}
+    for name in ops.rewriter_nodes(gm):
+        if name in NATIVE:
+            table[ops.OPS[name].overload] = NATIVE[name]
+    if opset < 23:
+        table[torch.ops.aten.rms_norm.default] = _simplified_layer_norm
+    return table
+
+
+# --- export -------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class OnnxExport:
+    """Where the model went and what the export did."""
+
+    path: Path
+    opset: int
+    input_names: list[str]
+    output_names: list[str]
+    dynamic_axes: dict[str, dict[int, str]]
+    lowering: dict[str, str]
+    """How each ``rewriter::`` op was lowered: ``"native"`` or ``"decomposed"``."""
+    optimized: bool
+    """Whether the exporter's optimizer ran (off after the RotaryEmbedding trap)."""
+    notes: list[str]
+
+
+def export(
+    gm: torch.fx.GraphModule,
+    example_inputs: Sequence[torch.Tensor] | None = None,
+    path: str | os.PathLike[str] = "model.onnx",
+    *,
+    dynamic_shapes: Any = "trace",
+    opset: int = DEFAULT_OPSET,
+    optimize: bool = True,
+    external_data: bool | None = None,
+) -> OnnxExport:
+    """Export ``gm`` to an ONNX file that ONNX Runtime runs.
+
+    ``dynamic_shapes="trace"`` reuses the dims recorded when the graph was traced (None: static).
+
+    Example::
+
+        >>> result = rewriter.backends.onnx.export(gm, (input_ids,), "out/model.onnx")
+        >>> rewriter.backends.onnx.check(gm, result.path).ok
+        True
+    """
+    info = trace_info(gm)
+    inputs, args, kwargs = _call_inputs(gm, info, example_inputs)
+    spec = info.dynamic_shapes if (dynamic_shapes == "trace" and info is not None) else (
+        None if dynamic_shapes == "trace" else dynamic_shapes
+    )
+    plan = ops.check_lowerable(gm, "onnx", native=set(NATIVE))
+    work = gm
+    decomposed = [name for name, how in plan.items() if how == "decomposed"]
+    if decomposed:
+        work = ops.decompose(copy_graph_module(gm), decomposed)
+    table = translation_table(work, opset)
+    names = (list(info.input_names) if info is not None else None, output_names(gm))
+    program = _export(work, args, kwargs, spec, opset, table, optimize, names)
+    notes: list[str] = []
+    optimized = optimize
+    if optimize and _rotary_trap(program.model_proto, spec):
+        notes.append("re-exported without the exporter's optimizer: fused RotaryEmbedding breaks dynamic batch")
+        program = _export(work, args, kwargs, spec, opset, table, False, names)
+        optimized = False
+    _check_opset(program.model_proto, opset)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    program.save(str(path), external_data=external_data)
+    proto = program.model_proto
+    return OnnxExport(
+        path=path,
+        opset=opset,
+        input_names=[i.name for i in proto.graph.input],
+        output_names=[o.name for o in proto.graph.output],
+        dynamic_axes=_dynamic_axes(proto),
+        lowering=plan,
+        optimized=optimized,
+        notes=notes,
+    )
+
+
+def _call_inputs(
+    gm: torch.fx.GraphModule, info: TraceInfo | None, example_inputs: Sequence[torch.Tensor] | None
+) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...], dict[str, torch.Tensor]]:
+    if example_inputs is None:
+        if info is None:
+            raise ValueError("export() needs example_inputs for a graph not made by rewriter.trace")
+        example_inputs = info.example_inputs
+    inputs = tuple(example_inputs)
+    if info is None:
+        return inputs, inputs, {}
+    args, kwargs = info.call_inputs(inputs)
+    return inputs, args, kwargs
+
+
+def _export(
+    gm: torch.fx.GraphModule,
+    args: tuple[torch.Tensor, ...],
+    kwargs: dict[str, torch.Tensor],
+    spec: Any,
+    opset: int,
+    table: dict[Any, Any],
+    optimize: bool,
+    names: tuple[list[str] | None, list[str]],
+) -> Any:
+    with _quiet_exporter():
+        try:
+            return torch.onnx.export(
+                gm,
+                args,
+                kwargs=kwargs or None,
+                dynamo=True,
+                opset_version=opset,
+                dynamic_shapes=spec,
+                custom_translation_table=table or None,
+                input_names=names[0],
+                output_names=names[1],
+                optimize=optimize,
+                report=False,
+                verify=False,
+            )
+        except Exception as error:  # noqa: BLE001 - re-raised with the op that failed
+            raise _explain(error, gm) from error
+
+
+@contextlib.contextmanager
+def _quiet_exporter() -> Iterator[None]:
+    loggers = [logging.getLogger(n) for n in ("onnxscript", "torch.onnx", "onnx_ir")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(open(os.devnull, "w")):  # noqa: SIM115
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
+def _explain(error: Exception, gm: torch.fx.GraphModule) -> Exception:
+    text = str(error)
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and str(node.target) in text:
+            return LoweringError(f"ONNX export failed on {node.target}: {text.splitlines()[0]}", node)
+    return OnnxExportError(f"ONNX export failed: {text.strip().splitlines()[0] if text.strip() else error!r}")
+
+
+def _opset_of(proto: onnx.ModelProto) -> int | None:
+    for entry in proto.opset_import:
+        if entry.domain in ("", "ai.onnx"):
+            return int(entry.version)
+    return None
+
+
+def _check_opset(proto: onnx.ModelProto, requested: int) -> None:
+    actual = _opset_of(proto)
+    if actual != requested:
+        raise OnnxExportError(
+            f"asked for opset {requested} but the exporter produced opset {actual}: its version "
+            "conversion failed and it kept the model it started from. The model is not valid at "
+            f"opset {actual} if it uses newer ops; export at opset {actual}, or check which op "
+            "has no version adapter."
+        )
+
+
+def _rotary_trap(proto: onnx.ModelProto, spec: Any) -> bool:
+    if not any(node.op_type == "RotaryEmbedding" for node in proto.graph.node):
+        return False
+    return _has_dynamic_batch(spec)
+
+
+def _has_dynamic_batch(spec: Any) -> bool:
+    entries = spec.values() if isinstance(spec, dict) else (spec or ())
+    return any(isinstance(entry, dict) and 0 in entry for entry in entries)
+
+
+def _dynamic_axes(proto: onnx.ModelProto) -> dict[str, dict[int, str]]:
+    axes: dict[str, dict[int, str]] = {}
+    for value in proto.graph.input:
+        for i, dim in enumerate(value.type.tensor_type.shape.dim):
+            if dim.dim_param:
+                axes.setdefault(value.name, {})[i] = dim.dim_param
+    return axes
+
+
+# --- running --------------------------------------------------------------------------------------
+
+
+def session(
+    path: str | os.PathLike[str],
+    *,
+    threads: int | None = None,
+    accuracy_level: int | None = None,
+    optimized_model_path: str | None = None,
+) -> Any:
+    """An ORT CPU ``InferenceSession``; ``accuracy_level=0`` makes fused quantized matmuls exact."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    if threads is not None:
+        options.intra_op_num_threads = threads
+    if accuracy_level is not None:
+        options.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", str(accuracy_level))
+    if optimized_model_path is not None:
+        options.optimized_model_filepath = optimized_model_path
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def run(sess: Any, inputs: Sequence[torch.Tensor] | dict[str, torch.Tensor]) -> list[np.ndarray]:
+    """Run a session on flat inputs (in the model's input order) or a name -> tensor dict."""
+    names = [i.name for i in sess.get_inputs()]
+    if isinstance(inputs, dict):
+        feeds = {k: _numpy(v) for k, v in inputs.items()}
+    else:
+        if len(inputs) != len(names):
+            raise ValueError(f"the ONNX model takes inputs {names}, got {len(inputs)} tensors")
+        feeds = {name: _numpy(t) for name, t in zip(names, inputs)}
+    return sess.run(None, feeds)
+
+
+def _numpy(tensor: torch.Tensor) -> np.ndarray:
+    if tensor.dtype == torch.bfloat16:
+        raise OnnxExportError("bfloat16 inputs have no numpy type; feed float32 or use IO binding")
+    return tensor.detach().cpu().numpy()
+
+
+def check(
+    gm: torch.fx.GraphModule,
+    path: str | os.PathLike[str],
+    inputs: Sequence[torch.Tensor] | None = None,
+    *,
+    rtol: float | None = None,
+    atol: float | None = None,
+    sess: Any = None,
+) -> ErrorReport:
+    """Run ``gm`` and the ONNX model on the same inputs and report the error (tolerance rule)."""
+    info = trace_info(gm)
+    if inputs is None:
+        if info is None:
+            raise ValueError("check() needs inputs for a graph not made by rewriter.trace")
+        inputs = info.example_inputs
+    inputs = tuple(inputs)
+    with torch.no_grad():
+        if info is not None:
+            args, kwargs = info.call_inputs(inputs)
+            reference = outputs(gm(*args, **kwargs))
+        else:
+            reference = outputs(gm(*inputs))
+    sess = sess or session(path)
+    got = [torch.from_numpy(np.asarray(a)) for a in run(sess, inputs)]
+    return compare_outputs(reference, got, rtol, atol)
