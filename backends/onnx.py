@@ -90,15 +90,23 @@ NATIVE: dict[str, Any] = {
 """``rewriter::`` ops this backend lowers natively, with their ONNX translations (as data)."""
 
 
-def _simplified_layer_norm(x: Any, normalized_shape: Sequence[int], weight: Any = None, eps: Any = None) -> Any:
+def _simplified_layer_norm(
+    x: Any, normalized_shape: Sequence[int], weight: Any = None, eps: Any = None
+) -> Any:
     """``aten.rms_norm`` as ORT's fused ``SimplifiedLayerNormalization`` (opsets below 23)."""
     from onnxscript import opset18 as op
 
     width = int(normalized_shape[-1])
-    epsilon = 1e-6 if eps is None else float(eps)  # aten's default is finfo.eps; traced graphs pass it
+    epsilon = (
+        1e-6 if eps is None else float(eps)
+    )  # aten's default is finfo.eps; traced graphs pass it
     if weight is None:
-        weight = op.CastLike(op.ConstantOfShape(op.Constant(value_ints=[width]),
-                                                value=onnx.helper.make_tensor("one", 1, [1], [1.0])), x)
+        weight = op.CastLike(
+            op.ConstantOfShape(
+                op.Constant(value_ints=[width]), value=onnx.helper.make_tensor("one", 1, [1], [1.0])
+            ),
+            x,
+        )
     return _ort_default_domain().SimplifiedLayerNormalization(
         x, weight, axis=-len(normalized_shape), epsilon=epsilon, stash_type=1
     )
@@ -119,8 +127,16 @@ def _ort_default_domain() -> Any:
             ],
             outputs=[onnx.defs.OpSchema.FormalParameter("Y", "V")],
             type_constraints=[
-                ("T", ["tensor(float)", "tensor(float16)", "tensor(double)", "tensor(bfloat16)"], ""),
-                ("V", ["tensor(float)", "tensor(float16)", "tensor(double)", "tensor(bfloat16)"], ""),
+                (
+                    "T",
+                    ["tensor(float)", "tensor(float16)", "tensor(double)", "tensor(bfloat16)"],
+                    "",
+                ),
+                (
+                    "V",
+                    ["tensor(float)", "tensor(float16)", "tensor(double)", "tensor(bfloat16)"],
+                    "",
+                ),
             ],
             attributes=[
                 onnx.defs.OpSchema.Attribute("axis", onnx.defs.OpSchema.AttrType.INT, ""),
@@ -151,7 +167,7 @@ def translation_table(gm: torch.fx.GraphModule, opset: int) -> dict[Any, Any]:
     return table
 
 
-# --- export -------------------------------------------------------------------------------------------
+# --- export -------------------------------------------------------------------------------------
 
 
 @dataclasses.dataclass
@@ -191,9 +207,11 @@ def export(
         True
     """
     info = trace_info(gm)
-    inputs, args, kwargs = _call_inputs(gm, info, example_inputs)
-    spec = info.dynamic_shapes if (dynamic_shapes == "trace" and info is not None) else (
-        None if dynamic_shapes == "trace" else dynamic_shapes
+    _, args, kwargs = _call_inputs(gm, info, example_inputs)
+    spec = (
+        info.dynamic_shapes
+        if (dynamic_shapes == "trace" and info is not None)
+        else (None if dynamic_shapes == "trace" else dynamic_shapes)
     )
     plan = ops.check_lowerable(gm, "onnx", native=set(NATIVE))
     work = gm
@@ -206,7 +224,10 @@ def export(
     notes: list[str] = []
     optimized = optimize
     if optimize and _rotary_trap(program.model_proto, spec):
-        notes.append("re-exported without the exporter's optimizer: fused RotaryEmbedding breaks dynamic batch")
+        notes.append(
+            "re-exported without the exporter's optimizer (fused RotaryEmbedding breaks "
+            "dynamic batch)"
+        )
         program = _export(work, args, kwargs, spec, opset, table, False, names)
         optimized = False
     _check_opset(program.model_proto, opset)
@@ -266,7 +287,7 @@ def _export(
                 report=False,
                 verify=False,
             )
-        except Exception as error:  # noqa: BLE001 - re-raised with the op that failed
+        except Exception as error:
             raise _explain(error, gm) from error
 
 
@@ -277,7 +298,7 @@ def _quiet_exporter() -> Iterator[None]:
     for lg in loggers:
         lg.setLevel(logging.ERROR)
     try:
-        with warnings.catch_warnings(), contextlib.redirect_stdout(open(os.devnull, "w")):  # noqa: SIM115
+        with warnings.catch_warnings(), contextlib.redirect_stdout(open(os.devnull, "w")):
             warnings.simplefilter("ignore")
             yield
     finally:
@@ -289,8 +310,12 @@ def _explain(error: Exception, gm: torch.fx.GraphModule) -> Exception:
     text = str(error)
     for node in gm.graph.nodes:
         if node.op == "call_function" and str(node.target) in text:
-            return LoweringError(f"ONNX export failed on {node.target}: {text.splitlines()[0]}", node)
-    return OnnxExportError(f"ONNX export failed: {text.strip().splitlines()[0] if text.strip() else error!r}")
+            return LoweringError(
+                f"ONNX export failed on {node.target}: {text.splitlines()[0]}", node
+            )
+    return OnnxExportError(
+        f"ONNX export failed: {text.strip().splitlines()[0] if text.strip() else error!r}"
+    )
 
 
 def _opset_of(proto: onnx.ModelProto) -> int | None:
@@ -349,7 +374,9 @@ def session(
     if threads is not None:
         options.intra_op_num_threads = threads
     if accuracy_level is not None:
-        options.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", str(accuracy_level))
+        options.add_session_config_entry(
+            "session.qdq_matmulnbits_accuracy_level", str(accuracy_level)
+        )
     if optimized_model_path is not None:
         options.optimized_model_filepath = optimized_model_path
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])

@@ -41,7 +41,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     commands.add_parser("passes", help="list passes, their one-line docs and options")
 
     run = commands.add_parser("run", help="trace a model, run a pipeline, write the artifacts")
-    run.add_argument("--model", required=True, help="tiny-gpt2 | HF directory | config.json | module:factory")
+    run.add_argument(
+        "--model", required=True, help="tiny-gpt2 | HF directory | config.json | module:factory"
+    )
     run.add_argument("--passes", required=True, help='pipeline spec, e.g. "canonicalize"')
     run.add_argument("--out", required=True, type=Path, help="output directory")
     run.add_argument("--backend", choices=["onnx"], help="also export and check with this backend")
@@ -51,7 +53,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     run.add_argument("--seq", type=int, default=32, help="example sequence length for tracing")
 
     demo = commands.add_parser("demo", help="the embedded model through the default pipeline")
-    demo.add_argument("--out", type=Path, default=Path("out/demo"), help="artifact directory (replaced)")
+    demo.add_argument(
+        "--out", type=Path, default=Path("out/demo"), help="artifact directory (replaced)"
+    )
     demo.add_argument("--pipeline", default=DEFAULT_PIPELINE, help="pipeline spec to run")
     demo.add_argument("--examples", type=int, default=8, help="hypothesis examples for verify")
 
@@ -98,9 +102,8 @@ class _Loaded:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from rewriter.errors import RewriterError
-
     import rewriter
+    from rewriter.errors import RewriterError
 
     out: Path = args.out
     if out.exists() and any(out.iterdir()) and not args.force:
@@ -108,11 +111,15 @@ def _run(args: argparse.Namespace) -> int:
     rewriter.Pipeline.parse(args.passes)  # a bad spec fails before the model loads
     loaded = _load_model(args.model)
     calibration = _text_argument(args.calib) if args.calib else loaded.calibration_text
-    evaluation = Path(args.eval_text).read_text(encoding="utf-8") if args.eval_text else loaded.eval_text
+    evaluation = (
+        Path(args.eval_text).read_text(encoding="utf-8") if args.eval_text else loaded.eval_text
+    )
     if out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True)
-    summary = _rewrite(loaded, args.passes, out, calibration, evaluation, args.backend, seq=args.seq)
+    summary = _rewrite(
+        loaded, args.passes, out, calibration, evaluation, args.backend, seq=args.seq
+    )
     print(f"artifacts in {out}/: " + ", ".join(sorted(p.name for p in out.iterdir())))
     return 0 if summary["ok"] else 1
 
@@ -129,7 +136,9 @@ def _load_model(spec: str) -> _Loaded:
         from rewriter import zoo
 
         model, tokenizer = zoo.tiny_gpt2()
-        return _Loaded(model, tokenizer, "tiny-gpt2 (embedded)", zoo.eval_text(), zoo.calibration_text())
+        return _Loaded(
+            model, tokenizer, "tiny-gpt2 (embedded)", zoo.eval_text(), zoo.calibration_text()
+        )
     path = Path(spec)
     if path.is_dir():
         return _load_directory(path)
@@ -168,21 +177,30 @@ def _model_class(config: Any) -> Any:
     return transformers.AutoModelForCausalLM
 
 
+def _instantiate(cls: Any, config: Any) -> Any:
+    """A randomly initialised model of ``cls`` (a concrete class or an Auto class)."""
+    return cls.from_config(config) if cls.__name__.startswith("Auto") else cls(config)
+
+
 def _load_directory(path: Path) -> _Loaded:
     import transformers
 
     config_file = path / "config.json"
     if config_file.exists():
         _refuse_remote_code(json.loads(config_file.read_text()), config_file)
-    config = transformers.AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=False)
+    config = transformers.AutoConfig.from_pretrained(
+        path, local_files_only=True, trust_remote_code=False
+    )
     cls = _model_class(config)
     has_weights = any(path.glob("*.safetensors")) or any(path.glob("*.bin"))
     if has_weights:
         model = cls.from_pretrained(path, local_files_only=True, trust_remote_code=False)
     else:
-        model = cls._from_config(config) if hasattr(cls, "_from_config") else cls.from_config(config)
+        model = _instantiate(cls, config)
     tokenizer = None
-    if any((path / name).exists() for name in ("tokenizer.json", "tokenizer_config.json", "vocab.json")):
+    if any(
+        (path / name).exists() for name in ("tokenizer.json", "tokenizer_config.json", "vocab.json")
+    ):
         tokenizer = transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
     state = "pretrained weights" if has_weights else "random weights (no weights in the directory)"
     return _Loaded(model.eval(), tokenizer, f"{cls.__name__} from {path} ({state})")
@@ -199,7 +217,7 @@ def _load_config(path: Path) -> _Loaded:
 
         raise RewriterError(f"{path} has no model_type; it is not a Hugging Face config")
     cls = _model_class(config)
-    model = cls._from_config(config)
+    model = _instantiate(cls, config)
     return _Loaded(model.eval(), None, f"{cls.__name__} from {path} (random weights)")
 
 
@@ -271,7 +289,9 @@ def _rewrite(
     all_exact = all(r.exact for r in result.report.records)
     if examples and all_exact:
         with _step(console, f"verifying against the model on {examples} hypothesis-drawn inputs"):
-            rewriter.verify.assert_equivalent(loaded.model, result.graph_module, max_examples=examples)
+            rewriter.verify.assert_equivalent(
+                loaded.model, result.graph_module, max_examples=examples
+            )
         summary["hypothesis_examples"] = examples
     print(f"whole pipeline vs the original model: {final}")
     if all_exact and not final.ok:
@@ -283,7 +303,11 @@ def _rewrite(
         with _step(console, "exporting to ONNX and checking in ONNX Runtime"):
             exported = onnx.export(result.graph_module, None, out / "model.onnx")
             check = onnx.check(result.graph_module, exported.path)
-        summary["onnx"] = {"opset": exported.opset, "notes": exported.notes, "check": check.to_dict()}
+        summary["onnx"] = {
+            "opset": exported.opset,
+            "notes": exported.notes,
+            "check": check.to_dict(),
+        }
         print(f"ONNX Runtime vs the graph: {check}")
         summary["ok"] = summary["ok"] and check.ok
     summary["report"] = result.report.to_dict()
@@ -306,13 +330,18 @@ def _demo(out: Path, spec: str, examples: int) -> int:
     print(
         f"embedded model: GPT-2 style, {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M "
         f"parameters, trained on Python docstrings; held-out perplexity "
-        f"{metrics['held_out_perplexity']:.1f} (bigram baseline {metrics['bigram_held_out_perplexity']:.1f})"
+        f"{metrics['held_out_perplexity']:.1f} "
+        f"(bigram baseline {metrics['bigram_held_out_perplexity']:.1f})"
     )
-    loaded = _Loaded(model, tokenizer, "tiny-gpt2 (embedded)", zoo.eval_text(), zoo.calibration_text())
+    loaded = _Loaded(
+        model, tokenizer, "tiny-gpt2 (embedded)", zoo.eval_text(), zoo.calibration_text()
+    )
     if out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True)
-    summary = _rewrite(loaded, spec, out, loaded.calibration_text, loaded.eval_text, "onnx", examples=examples)
+    summary = _rewrite(
+        loaded, spec, out, loaded.calibration_text, loaded.eval_text, "onnx", examples=examples
+    )
     print(f"artifacts in {out}/: " + ", ".join(sorted(p.name for p in out.iterdir())))
     return 0 if summary["ok"] else 1
 

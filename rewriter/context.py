@@ -115,7 +115,9 @@ class PassContext:
     def evaluation_ids(self) -> torch.Tensor:
         """The evaluation data as one stream of token ids (for perplexity)."""
         data = self.require("evaluation", "perplexity")
-        if isinstance(data, str) or (isinstance(data, Sequence) and data and isinstance(data[0], str)):
+        if isinstance(data, str) or (
+            isinstance(data, Sequence) and data and isinstance(data[0], str)
+        ):
             ids = self.encode(data if isinstance(data, str) else "\n".join(data))
         elif isinstance(data, torch.Tensor):
             ids = data.reshape(-1)

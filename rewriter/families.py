@@ -15,12 +15,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import random
 from typing import Any
 
 import torch
 from torch import nn
 
-__all__ = ["FAMILIES", "EncoderLM", "ModelSpec"]
+__all__ = ["FAMILIES", "Choices", "EncoderLM", "ModelSpec"]
 
 FAMILIES = ("gpt2", "opt", "gpt_neox", "bloom", "llama", "bert", "tenc")
 """The architecture families every exact pass is property-tested on."""
@@ -76,10 +77,72 @@ class ModelSpec:
                 _inject_outliers(model, generator, self)
         return model.to(self.dtype).eval()
 
+    @classmethod
+    def sample(
+        cls, rng: random.Random, family: str, *, outliers: bool | None = None, max_layers: int = 3
+    ) -> ModelSpec:
+        """A random small spec of ``family``, from the distribution ``verify.model_specs`` draws."""
+        return cls.draw(_RandomChoices(rng), family, outliers=outliers, max_layers=max_layers)
+
+    @classmethod
+    def draw(
+        cls, choose: Choices, family: str, *, outliers: bool | None = None, max_layers: int = 3
+    ) -> ModelSpec:
+        """A spec whose every free choice comes from ``choose`` (random or hypothesis-driven)."""
+        heads = choose.choice([1, 2, 4])
+        head_dim = choose.choice([4, 8, 16])
+        spec = cls(
+            family=family,
+            layers=choose.integer(1, max_layers),
+            heads=heads,
+            head_dim=head_dim,
+            vocab=choose.integer(16, 160),
+            ffn_mult=choose.choice([1, 2, 4]),
+            tied=choose.boolean(),
+            bias=choose.boolean() if family not in ("gpt2", "bloom", "bert") else True,
+            seed=choose.integer(0, 2**16),
+            outliers=choose.boolean() if outliers is None else outliers,
+        )
+        options: dict[str, Any] = {}
+        if family == "gpt_neox":
+            options["use_parallel_residual"] = choose.boolean()
+        if family == "opt":
+            options["word_embed_proj_dim"] = choose.choice([spec.hidden, max(4, spec.hidden // 2)])
+        if family == "llama":
+            options["kv_heads"] = choose.choice([h for h in (1, 2, 4) if heads % h == 0])
+        return spec.with_options(**options)
+
     def example_inputs(self, batch: int = 2, seq: int = 8, seed: int = 0) -> tuple[torch.Tensor]:
         """Token ids ``(batch, seq)`` in range."""
         generator = torch.Generator().manual_seed(seed)
         return (torch.randint(0, self.vocab, (batch, seq), generator=generator),)
+
+
+class Choices:
+    """Where a random spec's choices come from (``random.Random`` or a hypothesis draw)."""
+
+    def choice(self, options: list[Any]) -> Any:
+        raise NotImplementedError
+
+    def integer(self, low: int, high: int) -> int:
+        raise NotImplementedError
+
+    def boolean(self) -> bool:
+        raise NotImplementedError
+
+
+class _RandomChoices(Choices):
+    def __init__(self, rng: random.Random) -> None:
+        self.rng = rng
+
+    def choice(self, options: list[Any]) -> Any:
+        return self.rng.choice(options)
+
+    def integer(self, low: int, high: int) -> int:
+        return self.rng.randint(low, high)
+
+    def boolean(self) -> bool:
+        return self.rng.random() < 0.5
 
 
 def _gpt2(spec: ModelSpec) -> Any:

@@ -82,7 +82,9 @@ def perplexity_of_ids(
             batch = torch.stack(group)
             logits = _logits(model, batch).float()
             nll = F.cross_entropy(
-                logits[:, :-1].reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="sum"
+                logits[:, :-1].reshape(-1, logits.shape[-1]),
+                batch[:, 1:].reshape(-1),
+                reduction="sum",
             )
             total += float(nll)
             count += batch[:, 1:].numel()

@@ -279,7 +279,7 @@ def _same_literal(a: Any, b: Any) -> bool:
         return type(a) is type(b) and a == b
     try:
         return bool(a == b)
-    except Exception:
+    except Exception:  # noqa: BLE001 - a symbolic value never equals a literal here
         return False
 
 

@@ -272,7 +272,11 @@ class Report:
 
         title = f"pipeline: {self.pipeline}"
         if self.baseline:
-            title += "  (input: " + ", ".join(f"{k} {_format_metric(v)}" for k, v in self.baseline.items()) + ")"
+            title += (
+                "  (input: "
+                + ", ".join(f"{k} {_format_metric(v)}" for k, v in self.baseline.items())
+                + ")"
+            )
         table = Table(title=title)
         for column in ("pass", "time", "rewrites", "max abs err", "status", "notes"):
             table.add_column(column, justify="right" if column in ("time", "rewrites") else "left")
@@ -465,7 +469,7 @@ class Pipeline:
                     gm, *_call_args(info), dynamic_shapes=info.dynamic_shapes, strict=False
                 )
                 torch.export.save(ep, directory / "input.pt2")
-            except Exception as error:
+            except Exception as error:  # noqa: BLE001 - the reproducer is best effort
                 (directory / "input.pt2.error.txt").write_text(str(error))
 
 

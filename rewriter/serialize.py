@@ -77,7 +77,9 @@ def load(path: str | os.PathLike[str]) -> torch.fx.GraphModule:
     if extra[_OUTPUTS_FILE]:
         _set_out_spec(gm, _spec_from_json(json.loads(extra[_OUTPUTS_FILE])))
     if extra[_INFO_FILE]:
-        gm.meta[TRACE_INFO_KEY] = _info_from_json(json.loads(extra[_INFO_FILE]), extra[_EXAMPLES_FILE])
+        gm.meta[TRACE_INFO_KEY] = _info_from_json(
+            json.loads(extra[_INFO_FILE]), extra[_EXAMPLES_FILE]
+        )
     return gm
 
 
@@ -156,7 +158,9 @@ def _info_to_json(info: TraceInfo) -> dict[str, Any]:
     data.pop("example_inputs")
     data.pop("dynamic_shapes")
     data["dtype"] = str(info.dtype).removeprefix("torch.")
-    data["dynamic_dims"] = {k: {str(a): n for a, n in v.items()} for k, v in info.dynamic_dims.items()}
+    data["dynamic_dims"] = {
+        k: {str(a): n for a, n in v.items()} for k, v in info.dynamic_dims.items()
+    }
     data["bound_kwargs"] = {k: v for k, v in info.bound_kwargs.items() if _jsonable(v)}
     data["config"] = info.config if _jsonable(info.config) else None
     return data
@@ -170,7 +174,9 @@ def _info_from_json(data: dict[str, Any], examples: str) -> TraceInfo:
         num_positional=data["num_positional"],
         example_inputs=_tensors_from_text(examples),
         bound_kwargs=data["bound_kwargs"],
-        dynamic_shapes=_spec_from_dims(data["input_names"], data["num_positional"], dynamic_dims, ranges),
+        dynamic_shapes=_spec_from_dims(
+            data["input_names"], data["num_positional"], dynamic_dims, ranges
+        ),
         dim_ranges=ranges,  # type: ignore[arg-type]
         dynamic_dims=dynamic_dims,
         model_class=data["model_class"],
@@ -193,7 +199,10 @@ def _spec_from_dims(
     for name in {n for axes in dynamic_dims.values() for n in axes.values()}:
         lower, upper = ranges.get(name, (1, None))
         dims[name] = Dim(name, min=max(lower, 1), max=upper) if upper else Dim(name)
-    spec = {n: ({a: dims[d] for a, d in dynamic_dims[n].items()} if n in dynamic_dims else None) for n in input_names}
+    spec = {
+        n: ({a: dims[d] for a, d in dynamic_dims[n].items()} if n in dynamic_dims else None)
+        for n in input_names
+    }
     if num_positional == len(input_names):
         return tuple(spec[n] for n in input_names)
     return spec
@@ -260,7 +269,9 @@ def save_pretrained(
     return check
 
 
-def _rebuild(info: TraceInfo, overrides: dict[str, Any], gm: torch.fx.GraphModule) -> torch.nn.Module:
+def _rebuild(
+    info: TraceInfo, overrides: dict[str, Any], gm: torch.fx.GraphModule
+) -> torch.nn.Module:
     import importlib
 
     import transformers
@@ -285,14 +296,19 @@ def _rebuild(info: TraceInfo, overrides: dict[str, Any], gm: torch.fx.GraphModul
             target.copy_(source)
     unexplained = sorted(set(missing) - _computed_buffers(model))
     if unexplained:
-        raise RewriterError(f"the graph has no weights named {unexplained[:5]}: the architecture changed")
+        raise RewriterError(
+            f"the graph has no weights named {unexplained[:5]}: the architecture changed"
+        )
     return model
 
 
 def _alias_groups(model: torch.nn.Module) -> list[tuple[list[str], torch.Tensor]]:
     """Names bound to one tensor (a tied embedding and head), per tensor, in state_dict order."""
     groups: dict[int, tuple[list[str], torch.Tensor]] = {}
-    named = [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]
+    named = [
+        *model.named_parameters(remove_duplicate=False),
+        *model.named_buffers(remove_duplicate=False),
+    ]
     persistent = set(model.state_dict())
     for name, tensor in named:
         if name in persistent:

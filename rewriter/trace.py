@@ -309,7 +309,7 @@ def _export_with_fixes(
         try:
             ep = torch.export.export(model, args, kwargs=kwargs, dynamic_shapes=spec, strict=False)
             return ep, spec
-        except Exception as error:  # noqa: BLE001 - every failure is re-raised in user terms
+        except Exception as error:
             fixes = _bound_fixes(error)
             if not fixes or spec is None:
                 raise _explain_export_error(error, model) from error

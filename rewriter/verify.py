@@ -43,7 +43,7 @@ from hypothesis import HealthCheck, currently_in_test_context, given, settings
 from hypothesis import strategies as st
 from torch.utils import _pytree as pytree
 
-from rewriter.families import FAMILIES, ModelSpec
+from rewriter.families import FAMILIES, Choices, ModelSpec
 from rewriter.graph import look_back
 from rewriter.trace import TraceInfo, eval_mode, trace_info
 
@@ -491,6 +491,20 @@ def _check_plain(
             )
 
 
+class _HypothesisChoices(Choices):
+    def __init__(self, draw_fn: Any) -> None:
+        self.draw_fn = draw_fn
+
+    def choice(self, options: list[Any]) -> Any:
+        return self.draw_fn(st.sampled_from(options))
+
+    def integer(self, low: int, high: int) -> int:
+        return self.draw_fn(st.integers(low, high))
+
+    def boolean(self) -> bool:
+        return self.draw_fn(st.booleans())
+
+
 # --- model config strategies ----------------------------------------------------------------------
 
 
@@ -516,30 +530,11 @@ def model_specs(
     @st.composite
     def draw(draw_fn: Any) -> ModelSpec:
         chosen = draw_fn(st.sampled_from(families))
-        heads = draw_fn(st.sampled_from([1, 2, 4]))
-        values: dict[str, Any] = dict(
-            family=chosen,
-            layers=draw_fn(st.integers(1, max_layers)),
-            heads=heads,
-            head_dim=draw_fn(st.sampled_from([4, 8, 16])),
-            vocab=draw_fn(st.integers(16, 160)),
-            ffn_mult=draw_fn(st.sampled_from([1, 2, 4])),
-            tied=draw_fn(st.booleans()),
-            bias=draw_fn(st.booleans()) if chosen not in ("gpt2", "bloom", "bert") else True,
-            seed=draw_fn(st.integers(0, 2**16)),
-            outliers=draw_fn(st.booleans()) if outliers is None else outliers,
-            dtype=dtype,
+        spec = ModelSpec.draw(
+            _HypothesisChoices(draw_fn), chosen, outliers=outliers, max_layers=max_layers
         )
-        options: dict[str, Any] = {}
-        if chosen == "gpt_neox":
-            options["use_parallel_residual"] = draw_fn(st.booleans())
-        if chosen == "opt":
-            hidden = heads * values["head_dim"]
-            options["word_embed_proj_dim"] = draw_fn(st.sampled_from([hidden, max(4, hidden // 2)]))
-        if chosen == "llama":
-            options["kv_heads"] = draw_fn(st.sampled_from([h for h in (1, 2, 4) if heads % h == 0]))
-        values.update({k: v for k, v in fixed.items() if k != "options"})
-        spec = ModelSpec(**values)
-        return spec.with_options(**options, **dict(fixed.get("options", ())))
+        options = dict(spec.options) | dict(fixed.get("options", ()))
+        values = {k: v for k, v in fixed.items() if k != "options"}
+        return dataclasses.replace(spec, dtype=dtype, **values).with_options(**options)
 
     return draw()

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import sys
 
 from rewriter.cli import main
+from rewriter.families import ModelSpec
 
 
 def test_passes_lists_names_docs_and_options(capsys) -> None:
@@ -23,3 +25,152 @@ def test_demo_writes_its_artifacts_and_can_run_twice(tmp_path, capsys) -> None:
     report = json.loads((out / "report.json").read_text())
     assert report["passes"][0]["error"]["ok"] is True
     assert "rms_norm" in (out / "graph_after.txt").read_text()
+
+
+def test_run_writes_artifacts_and_refuses_to_overwrite(tmp_path, capsys) -> None:
+    spec = ModelSpec("llama", layers=1)
+    model = spec.build()
+    model.save_pretrained(tmp_path / "hf")
+    out = tmp_path / "out"
+    assert (
+        main(
+            [
+                "run",
+                "--model",
+                str(tmp_path / "hf"),
+                "--passes",
+                "canonicalize",
+                "--out",
+                str(out),
+                "--backend",
+                "onnx",
+            ]
+        )
+        == 0
+    )
+    assert {p.name for p in out.iterdir()} >= {
+        "model.pt2",
+        "model.onnx",
+        "report.json",
+        "graph.txt",
+    }
+    report = json.loads((out / "report.json").read_text())
+    assert report["ok"] and report["onnx"]["check"]["ok"] and report["error_vs_model"]["ok"]
+    assert "canonicalize" in capsys.readouterr().out
+    assert (
+        main(
+            ["run", "--model", str(tmp_path / "hf"), "--passes", "canonicalize", "--out", str(out)]
+        )
+        == 2
+    )
+    assert "pass --force" in capsys.readouterr().err
+    assert (
+        main(
+            [
+                "run",
+                "--model",
+                str(tmp_path / "hf"),
+                "--passes",
+                "canonicalize",
+                "--out",
+                str(out),
+                "--force",
+            ]
+        )
+        == 0
+    )
+
+
+def test_run_from_a_config_file_and_a_factory(tmp_path, capsys) -> None:
+    config = ModelSpec("gpt2", layers=1).config()
+    (tmp_path / "config.json").write_text(config.to_json_string())
+    assert (
+        main(
+            [
+                "run",
+                "--model",
+                str(tmp_path / "config.json"),
+                "--passes",
+                "canonicalize",
+                "--out",
+                str(tmp_path / "a"),
+            ]
+        )
+        == 0
+    )
+    module = tmp_path / "my_models.py"
+    module.write_text(
+        "from rewriter.families import ModelSpec\n"
+        "def small():\n    return ModelSpec('opt', layers=1).build()\n"
+    )
+    sys.path.insert(0, str(tmp_path))
+    try:
+        assert (
+            main(
+                [
+                    "run",
+                    "--model",
+                    "my_models:small",
+                    "--passes",
+                    "canonicalize",
+                    "--out",
+                    str(tmp_path / "b"),
+                ]
+            )
+            == 0
+        )
+    finally:
+        sys.path.remove(str(tmp_path))
+    assert (tmp_path / "b" / "model.pt2").exists()
+
+
+def test_run_refuses_remote_code_and_bad_specs(tmp_path, capsys) -> None:
+    config = json.loads(ModelSpec("gpt2", layers=1).config().to_json_string())
+    config["auto_map"] = {"AutoModelForCausalLM": "evil.Model"}
+    (tmp_path / "remote").mkdir()
+    (tmp_path / "remote" / "config.json").write_text(json.dumps(config))
+    assert (
+        main(
+            [
+                "run",
+                "--model",
+                str(tmp_path / "remote"),
+                "--passes",
+                "canonicalize",
+                "--out",
+                str(tmp_path / "o"),
+            ]
+        )
+        == 2
+    )
+    assert "remote code" in capsys.readouterr().err
+    assert (
+        main(
+            [
+                "run",
+                "--model",
+                "tiny-gpt2",
+                "--passes",
+                "canonicalize,nope",
+                "--out",
+                str(tmp_path / "p"),
+            ]
+        )
+        == 2
+    )
+    err = capsys.readouterr().err
+    assert "unknown pass 'nope'" in err and "^" in err
+    assert (
+        main(
+            [
+                "run",
+                "--model",
+                "no/such/thing",
+                "--passes",
+                "canonicalize",
+                "--out",
+                str(tmp_path / "q"),
+            ]
+        )
+        == 2
+    )

@@ -49,7 +49,9 @@ def test_attention_masks_and_named_outputs(family: str, tmp_path) -> None:
     ids = spec.example_inputs(batch=2, seq=7)[0]
     mask = torch.ones_like(ids)
     mask[0, :3] = 0
-    gm = rewriter.trace(model, kwargs={"input_ids": ids, "attention_mask": mask}, dynamic_shapes="auto")
+    gm = rewriter.trace(
+        model, kwargs={"input_ids": ids, "attention_mask": mask}, dynamic_shapes="auto"
+    )
     exported = backend.export(gm, None, tmp_path / "masked.onnx")
     assert exported.input_names == ["input_ids", "attention_mask"]
     assert exported.output_names == ["logits"]
@@ -62,7 +64,11 @@ def test_attention_masks_and_named_outputs(family: str, tmp_path) -> None:
 def test_rms_norm_uses_fused_kernels_at_every_opset(tmp_path) -> None:
     _, gm = traced(ModelSpec("llama", layers=1))
     out = CANONICALIZE.run(gm).graph_module
-    for opset, fused in [(23, "RMSNormalization"), (20, "SimplifiedLayerNormalization"), (18, "SimplifiedLayerNormalization")]:
+    for opset, fused in [
+        (23, "RMSNormalization"),
+        (20, "SimplifiedLayerNormalization"),
+        (18, "SimplifiedLayerNormalization"),
+    ]:
         exported = backend.export(out, None, tmp_path / f"opset{opset}.onnx", opset=opset)
         types = _op_types(exported.path)
         assert fused in types and "Pow" not in types and "ReduceMean" not in types, (opset, types)
@@ -80,7 +86,9 @@ class CrmsThenLinear(torch.nn.Module):
 
 def test_rewriter_ops_lower_natively_or_by_decomposition(tmp_path, monkeypatch) -> None:
     model = CrmsThenLinear()
-    gm = rewriter.trace(model, (torch.randn(2, 4, 7),), dynamic_shapes={"x": {0: "batch", 1: "seq"}})
+    gm = rewriter.trace(
+        model, (torch.randn(2, 4, 7),), dynamic_shapes={"x": {0: "batch", 1: "seq"}}
+    )
     native = backend.export(gm, None, tmp_path / "native.onnx")
     assert native.lowering == {"crms_norm": "native"}
     x = torch.randn(3, 6, 7) * 30
@@ -120,7 +128,9 @@ def test_silent_opset_fallback_is_detected(tmp_path, monkeypatch) -> None:
     from torch.onnx._internal.exporter import _core
 
     monkeypatch.setattr(_core.onnxscript_apis, "convert_version", lambda model, opset: model)
-    with pytest.raises(backend.OnnxExportError, match="asked for opset 23 but the exporter produced opset 18"):
+    with pytest.raises(
+        backend.OnnxExportError, match="asked for opset 23 but the exporter produced opset 18"
+    ):
         backend.export(gm, None, tmp_path / "fallback.onnx")
 
 
@@ -148,5 +158,5 @@ def test_fused_rotary_with_dynamic_batch_is_avoided(tmp_path, monkeypatch) -> No
     if "RotaryEmbedding" not in _op_types(trapped.path):
         pytest.skip("the exporter no longer fuses RotaryEmbedding; the trap is gone")
     assert exported.notes and not exported.optimized
-    with pytest.raises(Exception, match="cos_cache|sin_cache|RotaryEmbedding"):
+    with pytest.raises(Exception, match=r"cos_cache|sin_cache|RotaryEmbedding"):
         backend.check(out, trapped.path, (ids,))

@@ -214,7 +214,8 @@ def train_model(out: Path, steps: int, batch: int, lr: float, threads: int) -> d
     tokenizer.save(str(out / "tokenizer.json"))
     train_ids = torch.tensor(encode_documents(tokenizer, text), dtype=torch.long)
     eval_ids = torch.tensor(
-        encode_documents(tokenizer, (out / "eval.txt").read_text(encoding="utf-8")), dtype=torch.long
+        encode_documents(tokenizer, (out / "eval.txt").read_text(encoding="utf-8")),
+        dtype=torch.long,
     )
     eot = tokenizer.token_to_id(EOT)
     config = model_config(eot)
@@ -223,7 +224,8 @@ def train_model(out: Path, steps: int, batch: int, lr: float, threads: int) -> d
     no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
     optimizer = torch.optim.AdamW(
         [{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=lr, betas=(0.9, 0.95),
+        lr=lr,
+        betas=(0.9, 0.95),
     )
     warmup = max(1, steps // 20)
 
@@ -247,11 +249,20 @@ def train_model(out: Path, steps: int, batch: int, lr: float, threads: int) -> d
         optimizer.step()
         scheduler.step()
         if step % 50 == 0 or step == steps - 1:
-            log.append({"step": step, "loss": round(float(loss.detach()), 4), "seconds": round(time.time() - started, 1)})
+            log.append(
+                {
+                    "step": step,
+                    "loss": round(float(loss.detach()), 4),
+                    "seconds": round(time.time() - started, 1),
+                }
+            )
             print(json.dumps(log[-1]), flush=True)
     model.eval()
-    half = {k: v.detach().to(torch.float16).contiguous() for k, v in model.state_dict().items()
-            if k != "lm_head.weight"}  # tied to the token embedding
+    half = {
+        k: v.detach().to(torch.float16).contiguous()
+        for k, v in model.state_dict().items()
+        if k != "lm_head.weight"
+    }  # tied to the token embedding
     save_file(half, str(out / "model.safetensors"), metadata={"format": "pt"})
     config.to_json_file(str(out / "config.json"))
 
@@ -284,7 +295,9 @@ def train_model(out: Path, steps: int, batch: int, lr: float, threads: int) -> d
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m rewriter.zoo.build", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m rewriter.zoo.build", description=__doc__.splitlines()[0]
+    )
     sub = parser.add_subparsers(dest="step", required=True)
     corpus = sub.add_parser("corpus", help="extract the text snapshot from the stdlib")
     corpus.add_argument("--out", type=Path, default=DATA)
@@ -302,8 +315,10 @@ def main(argv: list[str] | None = None) -> int:
             with tempfile.TemporaryDirectory() as scratch:
                 fresh = build_corpus(Path(scratch))
             same = fresh["sha256"] == shipped["sha256"]
-            print(f"snapshot {'matches' if same else 'differs from'} the shipped one "
-                  f"(shipped with Python {shipped['python']}, this is {platform.python_version()})")
+            print(
+                f"snapshot {'matches' if same else 'differs from'} the shipped one "
+                f"(shipped with Python {shipped['python']}, this is {platform.python_version()})"
+            )
             return 0 if same else 1
         print(json.dumps(build_corpus(args.out), indent=2))
         return 0

@@ -1,0 +1,114 @@
+"""Fuzz campaign: every exact pass on random configs of every family, against the original model.
+
+For each exact pass registered (run after ``canonicalize``), N random model configs per family
+(``ModelSpec.sample``: layers, heads, widths, vocabulary, tied heads, biases, outlier channels,
+family switches) are built, traced with dynamic batch and sequence, rewritten, and compared with
+the unmodified model on the example inputs and on random inputs of other shapes, with the
+tolerance rule. Mismatches and crashes are reported with the reproducing spec; configs a pass
+refuses by design (a Post-LN model offered to a Pre-LN pass) are counted as refusals.
+
+    python benchmarks/fuzz_equivalence.py --n 1000            # the full campaign
+    python benchmarks/fuzz_equivalence.py --n 2 --passes canonicalize   # what CI samples
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import sys
+import time
+import traceback
+import warnings
+
+import torch
+
+sys.path.insert(0, os.path.dirname(__file__))
+from _common import write
+from rewriter.passes import available, get_pass
+
+import rewriter
+from rewriter.errors import PassError, PreconditionError
+from rewriter.families import FAMILIES, ModelSpec
+
+
+def exact_passes() -> list[str]:
+    return [name for name in available() if getattr(get_pass(name), "exact", False)]
+
+
+def check_one(
+    spec: ModelSpec, pipeline: rewriter.Pipeline, rng: random.Random, inputs: int
+) -> dict:
+    model = spec.build()
+    gm = rewriter.trace(model, spec.example_inputs(seq=rng.randint(2, 12)), dynamic_shapes="auto")
+    try:
+        out = pipeline.run(gm, rewriter.PassContext(progress=False)).graph_module
+    except PassError as error:
+        if isinstance(error.cause, PreconditionError):
+            return {"status": "refused", "reason": str(error.cause)}
+        raise
+    worst = rewriter.verify.compare(model, out)
+    for _ in range(inputs):
+        shape = (rng.randint(1, 4), rng.randint(1, min(spec.max_positions, 24)))
+        ids = torch.randint(
+            0, spec.vocab, shape, generator=torch.Generator().manual_seed(rng.randrange(2**31))
+        )
+        report = rewriter.verify.compare(model, out, (ids,))
+        if not report.ok or report.max_abs > worst.max_abs:
+            worst = report
+        if not report.ok:
+            break
+    return {"status": "ok" if worst.ok else "mismatch", "error": worst.to_dict()}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--n", type=int, default=1000, help="random configs per family and pass")
+    parser.add_argument("--passes", default=",".join(exact_passes()), help="exact passes to fuzz")
+    parser.add_argument("--families", default=",".join(FAMILIES))
+    parser.add_argument("--inputs", type=int, default=3, help="random inputs per config")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    warnings.filterwarnings("ignore")
+    os.environ.setdefault("REWRITER_NO_PROGRESS", "1")
+    rng = random.Random(args.seed)
+    results: dict[str, dict[str, dict[str, int]]] = {}
+    failures = []
+    started = time.time()
+    for pass_name in args.passes.split(","):
+        spec_text = "canonicalize" if pass_name == "canonicalize" else f"canonicalize,{pass_name}"
+        pipeline = rewriter.Pipeline.parse(spec_text)
+        for family in args.families.split(","):
+            counts = {"ok": 0, "refused": 0, "mismatch": 0, "crash": 0}
+            for _ in range(args.n):
+                spec = ModelSpec.sample(rng, family)
+                try:
+                    outcome = check_one(spec, pipeline, rng, args.inputs)
+                except Exception as error:  # noqa: BLE001 - a crash is a finding, with its spec
+                    outcome = {
+                        "status": "crash",
+                        "reason": f"{type(error).__name__}: {error}",
+                        "traceback": traceback.format_exc(limit=4),
+                    }
+                counts[outcome["status"]] += 1
+                if outcome["status"] in ("mismatch", "crash"):
+                    failures.append({"pass": pass_name, "spec": repr(spec), **outcome})
+                    print(f"FAIL {pass_name} {outcome['status']}: {spec!r}", flush=True)
+            results.setdefault(pass_name, {})[family] = counts
+            print(f"{pass_name:>14} {family:>9}: {counts}", flush=True)
+    path = write(
+        "fuzz_equivalence",
+        {
+            "n_per_family": args.n,
+            "seed": args.seed,
+            "seconds": round(time.time() - started, 1),
+            "results": results,
+            "failures": failures,
+        },
+    )
+    print(f"{len(failures)} failures; wrote {path}")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
