@@ -1,6 +1,6 @@
 """The embedded model through canonicalize, to ONNX Runtime and to a .pt2 archive and back.
 
-    python examples/05_export_onnx.py
+python examples/05_export_onnx.py
 """
 
 import tempfile
@@ -17,10 +17,12 @@ with tempfile.TemporaryDirectory() as tmp:
     exported = rewriter.backends.onnx.export(result.graph_module, None, Path(tmp) / "tiny.onnx")
     print(f"ONNX opset {exported.opset}, inputs {exported.input_names} {exported.dynamic_axes}")
     longer = tokenizer(rewriter.zoo.eval_text()[3000:9000], return_tensors="pt").input_ids[:, :200]
-    print("ORT vs graph on a longer batch:", rewriter.backends.onnx.check(result.graph_module, exported.path, (longer,)))
+    report = rewriter.backends.onnx.check(result.graph_module, exported.path, (longer,))
+    print("ORT vs graph on a longer batch:", report)
 
     path = rewriter.save(result.graph_module, Path(tmp) / "tiny.pt2")
     loaded = rewriter.load(path)
-    print(f"saved {path.stat().st_size / 2**20:.1f} MiB; reloaded graph returns {type(loaded(ids)).__name__}")
-    print("perplexity of the reloaded graph on the held-out text:",
-          round(rewriter.metrics.perplexity(loaded, tokenizer, rewriter.zoo.eval_text()), 2))
+    size = path.stat().st_size / 2**20
+    print(f"saved {size:.1f} MiB; the reloaded graph returns {type(loaded(ids)).__name__}")
+    ppl = rewriter.metrics.perplexity(loaded, tokenizer, rewriter.zoo.eval_text())
+    print(f"perplexity of the reloaded graph on the held-out text: {ppl:.2f}")

@@ -225,8 +225,9 @@ def _example_ids(loaded: _Loaded, seq: int) -> Any:
     import torch
 
     from rewriter.metrics import encode
+    from rewriter.trace import max_positions
 
-    limit = _max_positions(loaded.model)
+    limit = max_positions(loaded.model)
     seq = min(seq, limit) if limit else seq
     if loaded.tokenizer is not None and loaded.eval_text:
         ids = encode(loaded.tokenizer, loaded.eval_text[: 20 * seq])[: 2 * seq]
@@ -234,15 +235,6 @@ def _example_ids(loaded: _Loaded, seq: int) -> Any:
             return ids.view(2, seq)
     vocab = getattr(getattr(loaded.model, "config", None), "vocab_size", None) or 100
     return torch.randint(0, vocab, (2, seq), generator=torch.Generator().manual_seed(0))
-
-
-def _max_positions(model: Any) -> int | None:
-    config = getattr(model, "config", None)
-    for key in ("n_positions", "max_position_embeddings"):
-        value = getattr(config, key, None)
-        if isinstance(value, int):
-            return value
-    return None
 
 
 @contextmanager

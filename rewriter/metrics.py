@@ -15,7 +15,7 @@ import torch
 import torch.fx
 import torch.nn.functional as F
 
-from rewriter.trace import trace_info
+from rewriter.trace import max_positions, trace_info
 from rewriter.train import logits_of
 
 __all__ = ["bigram_perplexity", "encode", "perplexity", "perplexity_of_ids", "windows"]
@@ -37,15 +37,8 @@ def windows(ids: torch.Tensor, context: int) -> list[torch.Tensor]:
 def _context_of(model: torch.nn.Module, default: int = 256) -> int:
     if isinstance(model, torch.fx.GraphModule):
         info = trace_info(model)
-        if info is not None and info.max_positions:
-            return info.max_positions
-        return default
-    config = getattr(model, "config", None)
-    for key in ("n_positions", "max_position_embeddings"):
-        value = getattr(config, key, None)
-        if isinstance(value, int):
-            return value
-    return default
+        return (info.max_positions if info is not None else None) or default
+    return max_positions(model) or default
 
 
 @torch.no_grad()

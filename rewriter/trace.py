@@ -29,7 +29,7 @@ from torch.export import Dim
 
 from rewriter.errors import TraceError
 
-__all__ = ["TRACE_INFO_KEY", "TraceInfo", "eval_mode", "trace", "trace_info"]
+__all__ = ["TRACE_INFO_KEY", "TraceInfo", "eval_mode", "max_positions", "trace", "trace_info"]
 
 TRACE_INFO_KEY = "rewriter.trace"
 
@@ -138,7 +138,7 @@ def trace(
         model_type=getattr(getattr(model, "config", None), "model_type", None),
         config=_config_dict(model),
         dtype=_model_dtype(model),
-        max_positions=_max_positions(model),
+        max_positions=max_positions(model),
     )
     gm.meta[TRACE_INFO_KEY] = info
     return gm
@@ -501,7 +501,8 @@ def _model_dtype(model: torch.nn.Module) -> torch.dtype:
     return torch.get_default_dtype()
 
 
-def _max_positions(model: torch.nn.Module) -> int | None:
+def max_positions(model: torch.nn.Module) -> int | None:
+    """Longest sequence a model accepts, from its Hugging Face config, if it says."""
     config = getattr(model, "config", None)
     for key in ("n_positions", "max_position_embeddings", "n_ctx"):
         value = getattr(config, key, None)

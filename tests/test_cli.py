@@ -27,95 +27,55 @@ def test_demo_writes_its_artifacts_and_can_run_twice(tmp_path, capsys) -> None:
     assert "rms_norm" in (out / "graph_after.txt").read_text()
 
 
+def _run(*args: str) -> int:
+    return main(["run", *args])
+
+
 def test_run_writes_artifacts_and_refuses_to_overwrite(tmp_path, capsys) -> None:
-    spec = ModelSpec("llama", layers=1)
-    model = spec.build()
-    model.save_pretrained(tmp_path / "hf")
-    out = tmp_path / "out"
-    assert (
-        main(
-            [
-                "run",
-                "--model",
-                str(tmp_path / "hf"),
-                "--passes",
-                "canonicalize",
-                "--out",
-                str(out),
-                "--backend",
-                "onnx",
-            ]
-        )
-        == 0
-    )
-    assert {p.name for p in out.iterdir()} >= {
+    ModelSpec("llama", layers=1).build().save_pretrained(tmp_path / "hf")
+    hf, out = str(tmp_path / "hf"), str(tmp_path / "out")
+    assert _run("--model", hf, "--passes", "canonicalize", "--out", out, "--backend", "onnx") == 0
+    assert {p.name for p in (tmp_path / "out").iterdir()} >= {
         "model.pt2",
         "model.onnx",
         "report.json",
         "graph.txt",
     }
-    report = json.loads((out / "report.json").read_text())
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
     assert report["ok"] and report["onnx"]["check"]["ok"] and report["error_vs_model"]["ok"]
     assert "canonicalize" in capsys.readouterr().out
-    assert (
-        main(
-            ["run", "--model", str(tmp_path / "hf"), "--passes", "canonicalize", "--out", str(out)]
-        )
-        == 2
-    )
+    assert _run("--model", hf, "--passes", "canonicalize", "--out", out) == 2
     assert "pass --force" in capsys.readouterr().err
+    assert _run("--model", hf, "--passes", "canonicalize", "--out", out, "--force") == 0
+
+
+def test_run_from_a_config_file_and_a_factory(tmp_path) -> None:
+    (tmp_path / "config.json").write_text(ModelSpec("gpt2", layers=1).config().to_json_string())
     assert (
-        main(
-            [
-                "run",
-                "--model",
-                str(tmp_path / "hf"),
-                "--passes",
-                "canonicalize",
-                "--out",
-                str(out),
-                "--force",
-            ]
+        _run(
+            "--model",
+            str(tmp_path / "config.json"),
+            "--passes",
+            "canonicalize",
+            "--out",
+            str(tmp_path / "a"),
         )
         == 0
     )
-
-
-def test_run_from_a_config_file_and_a_factory(tmp_path, capsys) -> None:
-    config = ModelSpec("gpt2", layers=1).config()
-    (tmp_path / "config.json").write_text(config.to_json_string())
-    assert (
-        main(
-            [
-                "run",
-                "--model",
-                str(tmp_path / "config.json"),
-                "--passes",
-                "canonicalize",
-                "--out",
-                str(tmp_path / "a"),
-            ]
-        )
-        == 0
-    )
-    module = tmp_path / "my_models.py"
-    module.write_text(
+    (tmp_path / "my_models.py").write_text(
         "from rewriter.families import ModelSpec\n"
         "def small():\n    return ModelSpec('opt', layers=1).build()\n"
     )
     sys.path.insert(0, str(tmp_path))
     try:
         assert (
-            main(
-                [
-                    "run",
-                    "--model",
-                    "my_models:small",
-                    "--passes",
-                    "canonicalize",
-                    "--out",
-                    str(tmp_path / "b"),
-                ]
+            _run(
+                "--model",
+                "my_models:small",
+                "--passes",
+                "canonicalize",
+                "--out",
+                str(tmp_path / "b"),
             )
             == 0
         )
@@ -130,47 +90,24 @@ def test_run_refuses_remote_code_and_bad_specs(tmp_path, capsys) -> None:
     (tmp_path / "remote").mkdir()
     (tmp_path / "remote" / "config.json").write_text(json.dumps(config))
     assert (
-        main(
-            [
-                "run",
-                "--model",
-                str(tmp_path / "remote"),
-                "--passes",
-                "canonicalize",
-                "--out",
-                str(tmp_path / "o"),
-            ]
+        _run(
+            "--model",
+            str(tmp_path / "remote"),
+            "--passes",
+            "canonicalize",
+            "--out",
+            str(tmp_path / "o"),
         )
         == 2
     )
     assert "remote code" in capsys.readouterr().err
     assert (
-        main(
-            [
-                "run",
-                "--model",
-                "tiny-gpt2",
-                "--passes",
-                "canonicalize,nope",
-                "--out",
-                str(tmp_path / "p"),
-            ]
-        )
+        _run("--model", "tiny-gpt2", "--passes", "canonicalize,nope", "--out", str(tmp_path / "p"))
         == 2
     )
     err = capsys.readouterr().err
     assert "unknown pass 'nope'" in err and "^" in err
     assert (
-        main(
-            [
-                "run",
-                "--model",
-                "no/such/thing",
-                "--passes",
-                "canonicalize",
-                "--out",
-                str(tmp_path / "q"),
-            ]
-        )
+        _run("--model", "no/such/thing", "--passes", "canonicalize", "--out", str(tmp_path / "q"))
         == 2
     )
