@@ -30,37 +30,37 @@ DATA = Path(__file__).parent / "data"
 EOT = "<|endoftext|>"
 
 
-def tiny_gpt2(dtype: torch.dtype = torch.float32) -> tuple[Any, Any]:
-    """The embedded model (eval mode, ``dtype``) and its tokenizer."""
+def tiny_gpt2(dtype: torch.dtype = torch.float32, *, data: Path = DATA) -> tuple[Any, Any]:
+    """The embedded model (eval mode, ``dtype``) and its tokenizer (``data``: another build)."""
     from safetensors.torch import load_file
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    weights = DATA / "model.safetensors"
+    weights = data / "model.safetensors"
     if not weights.exists():
         raise FileNotFoundError(
             f"{weights} is missing: build it with `python -m rewriter.zoo.build train`"
         )
-    config = GPT2Config.from_json_file(str(DATA / "config.json"))
+    config = GPT2Config.from_json_file(str(data / "config.json"))
     model = GPT2LMHeadModel(config)
     state = {k: v.to(torch.float32) for k, v in load_file(str(weights)).items()}
     missing, unexpected = model.load_state_dict(state, strict=False)
     if unexpected or set(missing) - {"lm_head.weight"}:
         raise RuntimeError(f"embedded weights do not fit the config: {missing} {unexpected}")
     model.tie_weights()
-    return model.to(dtype).eval(), tokenizer()
+    return model.to(dtype).eval(), tokenizer(data)
 
 
 @functools.cache
-def tokenizer() -> Any:
+def tokenizer(data: Path = DATA) -> Any:
     """The embedded byte-level BPE tokenizer as a Hugging Face fast tokenizer."""
     from transformers import PreTrainedTokenizerFast
 
     return PreTrainedTokenizerFast(
-        tokenizer_file=str(DATA / "tokenizer.json"),
+        tokenizer_file=str(data / "tokenizer.json"),
         bos_token=EOT,
         eos_token=EOT,
         unk_token=EOT,
-        model_max_length=256,
+        model_max_length=10**9,  # perplexity windows long texts itself; no truncation warnings
     )
 
 
