@@ -21,10 +21,13 @@ def test_demo_writes_its_artifacts_and_can_run_twice(tmp_path, capsys) -> None:
     for _ in range(2):
         assert main(["demo", "--out", str(out), "--examples", "2"]) == 0
     printed = capsys.readouterr().out
-    assert "canonicalize" in printed and "exact" in printed and "verified" in printed
-    report = json.loads((out / "report.json").read_text())
-    assert report["passes"][0]["error"]["ok"] is True
-    assert "rms_norm" in (out / "graph_after.txt").read_text()
+    assert "held-out perplexity" in printed and "canonicalize" in printed and "exact" in printed
+    assert "ppl" in printed and "ONNX Runtime vs the graph" in printed
+    summary = json.loads((out / "report.json").read_text())
+    assert summary["ok"] and summary["hypothesis_examples"] == 2
+    assert summary["report"]["passes"][0]["error"]["ok"] is True
+    assert summary["report"]["baseline"]["ppl"] > 1 and summary["onnx"]["check"]["ok"]
+    assert {p.name for p in out.iterdir()} == {"graph.txt", "model.onnx", "model.pt2", "report.json"}
 
 
 def _run(*args: str) -> int:
