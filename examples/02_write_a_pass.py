@@ -29,9 +29,7 @@ def fold_scale(rw: Rewriter, lin: torch.fx.Node, c: float) -> torch.fx.Node | No
     if len(view.weight.users) != 1 or (view.bias is not None and len(view.bias.users) != 1):
         return None  # a shared weight would change its other uses too
     for name in filter(None, (view.weight_name, view.bias_name)):
-        rw.store.apply(
-            Edit(name, (name,), lambda block, n=name: block.rows(n) * c, note=f"scale by {c}")
-        )
+        rw.apply(Edit(name, (name,), lambda block, n=name: block.rows(n) * c, note=f"scale by {c}"))
     return lin
 
 

@@ -22,6 +22,9 @@ __all__ = ["BUILTIN", "available", "get_pass", "register_pass"]
 
 BUILTIN: dict[str, str] = {
     "canonicalize": "rewriter.passes.canonicalize:CanonicalizePass",
+    "prernorm": "rewriter.passes.prernorm:PreRMSNormPass",
+    "fold-ln": "rewriter.passes.fold_ln:FoldNormPass",
+    "crmsnorm": "rewriter.passes.crmsnorm:PreCRMSNormPass",
 }
 
 _USER: dict[str, type] = {}

@@ -30,7 +30,7 @@ import torch.fx
 
 from rewriter.graph import fake_mode_of, propagate_node, prune_dead_get_attrs
 from rewriter.pattern import Match, Pattern
-from rewriter.store import ModuleStore, WeightStore, weights
+from rewriter.store import Edit, ModuleStore, WeightStore, weights
 
 __all__ = [
     "ERASE",
@@ -163,13 +163,19 @@ class Rewriter:
         gm: torch.fx.GraphModule,
         pass_name: str = "",
         store: WeightStore | None = None,
+        *,
+        propagate_meta: bool = True,
     ) -> None:
+        """``propagate_meta=False`` defers fake-tensor metadata to one ``refresh_meta`` at the end
+        (for rewrites that change shapes along a chain, where node-by-node propagation would
+        see stale input shapes)."""
         self.gm = gm
         self.graph = gm.graph
         self.pass_name = pass_name
         self.store = store if store is not None else weights(gm)
         self.counters: collections.Counter[str] = collections.Counter()
         self.fake_mode = fake_mode_of(gm)
+        self.propagate_meta = propagate_meta
         self._erased: set[torch.fx.Node] = set()
 
     # -- queries --
@@ -251,7 +257,17 @@ class Rewriter:
                     node.meta[key] = meta_from.meta[key]
         replaces = (meta_from.name,) if meta_from is not None else ()
         node.meta[PROVENANCE_KEY] = Provenance(self.pass_name, rule, replaces)
-        propagate_node(self.gm, node, self.fake_mode)
+        if self.propagate_meta or node.op == "get_attr":
+            propagate_node(self.gm, node, self.fake_mode)
+
+    # -- weights --
+    def apply(self, edit: Edit) -> None:
+        """Apply a weight edit through the store and refresh the metadata of its get_attr nodes."""
+        self.store.apply(edit)
+        names = set(self.store.aliases(edit.target))
+        for node in self.graph.find_nodes(op="get_attr"):
+            if node.target in names:
+                propagate_node(self.gm, node, self.fake_mode)
 
     # -- changing uses --
     def replace(self, old: torch.fx.Node, new: torch.fx.Node, *, rule: str) -> None:
@@ -286,12 +302,20 @@ class Rewriter:
         return changed
 
     def set_arg(self, node: torch.fx.Node, index: int, value: Any, *, rule: str) -> None:
-        """Replace positional argument ``index`` of ``node``; refreshes its metadata."""
-        args = list(node.args)
+        """Set positional argument ``index`` of ``node`` (padding with None); refreshes its meta."""
+        args = list(node.args) + [None] * (index + 1 - len(node.args))
         args[index] = value
         node.args = tuple(args)
         self.counters[rule] += 1
-        propagate_node(self.gm, node, self.fake_mode)
+        if self.propagate_meta:
+            propagate_node(self.gm, node, self.fake_mode)
+
+    def set_args(self, node: torch.fx.Node, args: tuple[Any, ...], *, rule: str) -> None:
+        """Replace all positional arguments of ``node`` (one rewrite); refreshes its metadata."""
+        node.args = tuple(args)
+        self.counters[rule] += 1
+        if self.propagate_meta:
+            propagate_node(self.gm, node, self.fake_mode)
 
     def erase(self, node: torch.fx.Node) -> None:
         """Erase a node that has no users."""

@@ -382,7 +382,8 @@ def is_transparent(node: torch.fx.Node) -> bool:
     """True when ``node`` passes each last-dim vector of its first input through unchanged.
 
     These are the ops a residual stream flows through: eval dropout, aliases and clones, dtype
-    casts, and views, reshapes and transposes that keep the last dimension in place.
+    casts, views, reshapes and transposes that keep the last dimension in place, and slices or
+    selects of tokens (any dim but the last).
     """
     if node.op != "call_function" or not node.args or not isinstance(node.args[0], torch.fx.Node):
         return False
@@ -401,6 +402,11 @@ def is_transparent(node: torch.fx.Node) -> bool:
     if target == aten.permute.default:
         perm = list(node.args[1])
         return perm[-1] % len(perm) == len(perm) - 1
+    if target in (aten.slice.Tensor, aten.select.int):
+        # Picking tokens (any dim but the last) passes each last-dim vector through unchanged.
+        rank = source.meta["val"].dim()
+        dim = node.args[1] if len(node.args) > 1 else 0
+        return isinstance(dim, int) and dim % rank != rank - 1
     return False
 
 

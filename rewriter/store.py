@@ -84,6 +84,18 @@ class Block:
         self._check(name)
         return self._store.read(name).to(torch.float64)
 
+    def matvec(self, name: str, vector: str) -> torch.Tensor:
+        """``T @ v`` for a read 2-d tensor ``T`` and read vector ``v``, in float64, block by block.
+
+        (Folding a norm's bias through an ``(out, in)`` weight: ``b + W @ beta``.) Cached.
+        """
+        self._check(name)
+        self._check(vector)
+        key = (name, f"@{vector}")
+        if key not in self._sums:
+            self._sums[key] = self._store._matvec(name, vector)
+        return self._sums[key]
+
     def column_sum(self, name: str, weights: str | None = None) -> torch.Tensor:
         """``sum_r w_r T[r, :]`` over all rows of a read tensor, in float64, one block at a time.
 
@@ -187,6 +199,14 @@ class WeightStore:
 
     def _gather(self, name: str, index: torch.Tensor) -> torch.Tensor:
         return self.read(name).index_select(0, index.to(torch.long))
+
+    def _matvec(self, name: str, vector: str) -> torch.Tensor:
+        shape = self.shape(name)
+        v = self.read(vector).to(torch.float64)
+        result = torch.empty(shape[0], dtype=torch.float64, device=v.device)
+        for start, stop in self.blocks(shape):
+            result[start:stop] = self._rows(name, start, stop).to(torch.float64) @ v
+        return result
 
     def _column_sum(self, name: str, weights: str | None) -> torch.Tensor:
         shape = self.shape(name)

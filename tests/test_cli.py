@@ -27,7 +27,12 @@ def test_demo_writes_its_artifacts_and_can_run_twice(tmp_path, capsys) -> None:
     assert summary["ok"] and summary["hypothesis_examples"] == 2
     assert summary["report"]["passes"][0]["error"]["ok"] is True
     assert summary["report"]["baseline"]["ppl"] > 1 and summary["onnx"]["check"]["ok"]
-    assert {p.name for p in out.iterdir()} == {"graph.txt", "model.onnx", "model.pt2", "report.json"}
+    assert {p.name for p in out.iterdir()} == {
+        "graph.txt",
+        "model.onnx",
+        "model.pt2",
+        "report.json",
+    }
 
 
 def _run(*args: str) -> int:

@@ -1,0 +1,75 @@
+"""``fold-ln``: fold every normalization's gamma and beta into the linear maps that read it.
+
+Math (TransformerLens ``fold_ln``; SliceGPT layernorm fusion). A reader of a norm computes
+``W (N(x) * gamma + beta) + b = (W diag(gamma)) N(x) + (b + W beta)``, so
+
+    W' = W diag(gamma)        b' = b + W beta
+
+and the norm keeps only its normalizer ``N``. Works for LayerNorm and RMSNorm, original or
+produced by ``prernorm`` (``rms_norm(x, gamma) + beta`` is one unit), for every form of linear
+reader (``aten.linear``, GPT-2 ``Conv1D`` / ``addmm`` with its ``(in, out)`` weight, ``matmul`` +
+bias), for several readers of one norm (separate q/k/v projections, GPT-NeoX's parallel attention
+and MLP), for readers without a bias (one is created), and for the final norm feeding a tied LM
+head (the head is untied first; the embedding keeps the original tensor).
+
+Precondition, per norm: every reader of its output (through views and other value-preserving ops)
+is a linear map. A norm read by anything else is left as it is, and the report says which reader
+kept it. Exact in the tolerance rule: in float64 the folded weights reproduce the original to
+rounding.
+
+Invariant established: no folded norm has an affine; outputs unchanged.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import ClassVar
+
+import torch
+import torch.fx
+
+from rewriter.context import PassContext
+from rewriter.driver import Rewriter
+from rewriter.errors import describe_node
+from rewriter.folding import fold_affine, linear_readers, norm_units
+from rewriter.graph import prune_dead_get_attrs
+from rewriter.pipeline import Pass, PassResult
+
+__all__ = ["FoldNormPass"]
+
+
+@dataclasses.dataclass(frozen=True)
+class FoldNormPass(Pass):
+    """Fold LayerNorm / RMSNorm gamma and beta into the linear maps that read each norm."""
+
+    name: ClassVar[str] = "fold-ln"
+
+    def run(self, gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
+        units = [u for u in norm_units(gm) if u.has_affine and _foldable_affine(u)]
+        plans, notes = [], []
+        for unit in units:
+            readers, blocker = linear_readers(unit)
+            if blocker is not None:
+                reason = f"read by {describe_node(blocker)}, not a linear map"
+                notes.append(f"kept {describe_node(unit.norm)}: {reason}")
+            elif readers:
+                plans.append((unit, readers))
+        if not plans:
+            notes.append("no norm with an affine read only by linear maps: nothing to do")
+            return PassResult(gm, changed=False, notes=notes)
+        prune_dead_get_attrs(gm)
+        rw = Rewriter(gm, pass_name=self.name)
+        for unit, readers in plans:
+            fold_affine(rw, unit, readers, rule="fold-into-reader")
+        rw.finish()
+        stats = dict(rw.counters)
+        stats["norms-folded"] = len(plans)
+        return PassResult(gm, changed=True, stats=stats, notes=notes)
+
+
+def _foldable_affine(unit: object) -> bool:
+    """Gamma and beta are stored tensors (a computed gain, such as Gemma's 1 + w, is kept)."""
+    gamma, beta = unit.gamma, unit.beta  # type: ignore[attr-defined]
+    return all(
+        v is None or (isinstance(v, torch.fx.Node) and v.op == "get_attr") for v in (gamma, beta)
+    )

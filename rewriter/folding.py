@@ -1,0 +1,226 @@
+"""Folding a normalization's affine into the linear maps that read it.
+
+For a norm ``y = N(x) * gamma + beta`` read only by linear maps ``z = W y + b``:
+
+    W' = W diag(gamma)        b' = b + W beta
+
+so the norm keeps only its normalizer ``N`` and the readers absorb the affine (a reader without a
+bias gets one). Shared by ``fold-ln`` (every norm) and ``crmsnorm`` (whose readers also absorb the
+dropped coordinate of the compressed stream). Weight arithmetic goes through the weight store in
+float64 row blocks; a reader whose weight is shared with another use (a tied LM head) is untied
+first, and the other use keeps the original tensor.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+import torch.fx
+
+from rewriter.driver import Rewriter
+from rewriter.errors import describe_node
+from rewriter.graph import LinearMap, as_linear, look_back, transparent_users, weight_name_for
+from rewriter.store import Edit
+from rewriter.stream import norm_width
+
+__all__ = [
+    "NormUnit",
+    "bias_fold_edit",
+    "ensure_bias",
+    "fold_affine",
+    "linear_readers",
+    "norm_units",
+    "untie_for",
+]
+
+aten = torch.ops.aten
+
+
+@dataclasses.dataclass(frozen=True)
+class NormUnit:
+    """A normalization and its affine: ``norm`` (``layer_norm`` / ``rms_norm``), the node whose
+    value leaves the unit (``output``: the norm, or ``add(norm, beta)``), ``gamma`` and ``beta``."""
+
+    norm: torch.fx.Node
+    output: torch.fx.Node
+    gamma: torch.fx.Node | None
+    beta: torch.fx.Node | None
+    beta_add: torch.fx.Node | None
+    width: int
+
+    @property
+    def kind(self) -> str:
+        return "layer" if self.norm.target == aten.layer_norm.default else "rms"
+
+    @property
+    def eps(self) -> float | None:
+        index = 4 if self.kind == "layer" else 3
+        eps = self.norm.args[index] if len(self.norm.args) > index else self.norm.kwargs.get("eps")
+        return 1e-5 if eps is None and self.kind == "layer" else eps
+
+    @property
+    def has_affine(self) -> bool:
+        return self.gamma is not None or self.beta is not None
+
+
+def _vector(node: object, width: int, dtype: torch.dtype) -> bool:
+    val = node.meta.get("val") if isinstance(node, torch.fx.Node) else None
+    return isinstance(val, torch.Tensor) and tuple(val.shape) == (width,) and val.dtype == dtype
+
+
+def norm_units(gm: torch.fx.GraphModule) -> list[NormUnit]:
+    """Every last-dim ``layer_norm`` / ``rms_norm`` with its affine, in graph order.
+
+    ``rms_norm(x, w) + beta`` (what ``prernorm`` emits for a LayerNorm's bias) is one unit.
+    """
+    units = []
+    for node in gm.graph.nodes:
+        width = norm_width(node)
+        if width is None:
+            continue
+        gamma = node.args[2] if len(node.args) > 2 else node.kwargs.get("weight")
+        beta = None
+        if node.target == aten.layer_norm.default:
+            beta = node.args[3] if len(node.args) > 3 else node.kwargs.get("bias")
+        output, beta_add = node, None
+        if beta is None and len(node.users) == 1:
+            user = next(iter(node.users))
+            dtype = node.meta["val"].dtype
+            if (
+                user.target == aten.add.Tensor
+                and user.args[0] is node
+                and _vector(user.args[1], width, dtype)
+                and user.args[1].op == "get_attr"
+            ):
+                output, beta, beta_add = user, user.args[1], user
+        units.append(NormUnit(node, output, gamma, beta, beta_add, width))
+    return units
+
+
+def linear_readers(unit: NormUnit) -> tuple[list[LinearMap], torch.fx.Node | None]:
+    """The linear maps reading the unit's output; or ``([], node)`` naming a non-linear reader."""
+    readers = []
+    for user in transparent_users(unit.output):
+        lin = as_linear(user)
+        if lin is None or look_back(lin.input) is not unit.output:
+            return [], user
+        readers.append(lin)
+    return readers, None
+
+
+def untie_for(rw: Rewriter, get_attr: torch.fx.Node, users: list[torch.fx.Node]) -> torch.fx.Node:
+    """A ``get_attr`` of a tensor that only ``users`` read (a copy if others read it too).
+
+    Names follow the modules: the copy is named after the users' module; if that is the tensor's
+    current name, the other readers move to a copy named after theirs instead.
+    """
+    others = [u for u in get_attr.users if u not in users]
+    aliases = rw.store.aliases(str(get_attr.target))
+    if not others and len(aliases) <= 1:
+        return get_attr
+    leaf = str(get_attr.target).rsplit(".", 1)[-1]
+    wanted = weight_name_for(users[0], leaf)
+    if wanted == get_attr.target and others:
+        rw.untie(get_attr, others, name_hint=weight_name_for(others[0], leaf))
+        return get_attr
+    return rw.untie(get_attr, users, name_hint=wanted)
+
+
+def _own_weight(rw: Rewriter, lin: LinearMap) -> LinearMap:
+    weight = untie_for(rw, lin.weight, [lin.node])
+    if lin.bias is not None:
+        untie_for(rw, lin.bias, [lin.output if lin.output is not lin.node else lin.node])
+    refreshed = as_linear(lin.node)
+    assert refreshed is not None and refreshed.weight is weight
+    return refreshed
+
+
+def ensure_bias(rw: Rewriter, lin: LinearMap) -> LinearMap:
+    """Give a bias-free linear map a zero bias (a ``get_attr`` named after its module)."""
+    if lin.bias is not None:
+        return lin
+    dtype = rw.store.dtype(lin.weight_name)
+    zeros = torch.zeros(lin.out_features, dtype=dtype)
+    bias = rw.add_weight(weight_name_for(lin.node, "bias"), zeros, rule="create-bias")
+    if lin.node.target == aten.linear.default:
+        rw.set_arg(lin.node, 2, bias, rule="create-bias")
+    else:  # mm / matmul: add the bias after the product
+        users = list(lin.node.users)
+        after = lin.node.next
+        added = rw.call(
+            aten.add.Tensor, (lin.node, bias), before=after, rule="create-bias", meta_from=lin.node
+        )
+        for user in users:
+            user.replace_input_with(lin.node, added)
+    refreshed = as_linear(lin.node)
+    assert refreshed is not None and refreshed.bias is not None
+    return refreshed
+
+
+def fold_affine(
+    rw: Rewriter, unit: NormUnit, readers: list[LinearMap], *, rule: str = "fold-affine"
+) -> None:
+    """Fold ``unit``'s gamma and beta into every reader, then drop them from the norm."""
+    gamma = str(unit.gamma.target) if unit.gamma is not None else None
+    beta = str(unit.beta.target) if unit.beta is not None else None
+    for reader in readers:
+        reader = _own_weight(rw, reader)
+        if beta is not None:
+            reader = ensure_bias(rw, reader)
+            rw.apply(bias_fold_edit(reader, beta))  # reads the weight before gamma scales it
+        if gamma is not None:
+            rw.apply(_weight_edit(reader, gamma))
+        rw.counters[rule] += 1
+    _drop_affine(rw, unit, rule)
+
+
+def bias_fold_edit(lin: LinearMap, beta: str) -> Edit:
+    weight, bias = lin.weight_name, str(lin.bias_name)
+    if lin.layout == "out_in":
+        return Edit(
+            bias,
+            (bias, weight, beta),
+            lambda b: b.whole(bias) + b.matvec(weight, beta),
+            note="b + W beta",
+        )
+    return Edit(
+        bias,
+        (bias, weight, beta),
+        lambda b: b.whole(bias) + b.column_sum(weight, weights=beta),
+        note="b + beta W (in, out)",
+    )
+
+
+def _weight_edit(lin: LinearMap, gamma: str) -> Edit:
+    weight = lin.weight_name
+    if lin.layout == "out_in":
+        return Edit(
+            weight,
+            (weight, gamma),
+            lambda b: b.rows(weight) * b.whole(gamma)[None, :],
+            note="W diag(gamma)",
+        )
+    return Edit(
+        weight,
+        (weight, gamma),
+        lambda b: b.rows(weight) * b.whole(gamma)[b.start : b.stop, None],
+        note="diag(gamma) W (in, out)",
+    )
+
+
+def _drop_affine(rw: Rewriter, unit: NormUnit, rule: str) -> None:
+    args = list(unit.norm.args)
+    if unit.kind == "layer":
+        args += [None] * (5 - len(args))
+        args[2], args[3], args[4] = None, None, unit.eps  # the eps stays explicit
+    else:
+        args += [None] * (4 - len(args))
+        args[2] = None
+    rw.set_args(unit.norm, tuple(args), rule="drop-norm-affine")
+    if unit.beta_add is not None:
+        rw.replace(unit.beta_add, unit.norm, rule=rule)
+
+
+def describe_reader_refusal(unit: NormUnit, reader: torch.fx.Node) -> str:
+    return f"{describe_node(unit.norm)} is read by {describe_node(reader)}, not a linear map"
