@@ -31,7 +31,7 @@ from typing import Any
 
 __all__ = ["DEFAULT_PIPELINE", "main"]
 
-DEFAULT_PIPELINE = "canonicalize"
+DEFAULT_PIPELINE = "canonicalize,prernorm,fold-ln"
 """The demo's pipeline; passes join it as they land."""
 
 

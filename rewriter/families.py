@@ -335,8 +335,9 @@ def _inject_outliers(model: nn.Module, generator: torch.Generator, spec: ModelSp
         if not isinstance(weight, torch.Tensor):
             continue
         if _is_norm(module):
+            # Trained norms damp the massive-activation channels rather than amplify them.
             if weight.shape[-1] == hidden:
-                weight[..., channels] *= 8.0
+                weight[..., channels] *= 0.25
         elif weight.dim() == 2 and id(weight) not in tables:
             weight.mul_(3.0)
     for embedding in embeddings:

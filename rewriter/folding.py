@@ -219,7 +219,7 @@ def _drop_affine(rw: Rewriter, unit: NormUnit, rule: str) -> None:
         args[2] = None
     rw.set_args(unit.norm, tuple(args), rule="drop-norm-affine")
     if unit.beta_add is not None:
-        rw.replace(unit.beta_add, unit.norm, rule=rule)
+        rw.replace(unit.beta_add, unit.norm, rule="drop-norm-affine")
 
 
 def describe_reader_refusal(unit: NormUnit, reader: torch.fx.Node) -> str:

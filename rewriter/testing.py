@@ -16,7 +16,7 @@ import torch.fx
 from rewriter.families import ModelSpec
 from rewriter.trace import trace
 
-__all__ = ["fingerprint", "graph_fingerprint", "traced"]
+__all__ = ["TinyPreLN", "fingerprint", "graph_fingerprint", "traced"]
 
 
 def fingerprint(module: torch.nn.Module) -> str:
@@ -46,3 +46,34 @@ def traced(
     model = spec.build()
     gm = trace(model, spec.example_inputs(seq=seq), dynamic_shapes="auto" if dynamic else None)
     return model, gm
+
+
+class TinyPreLN(torch.nn.Module):
+    """A one-block Pre-LN language model small enough for golden graph listings.
+
+    Token and position embeddings, one residual block ``x + W2 gelu(W1 LN1(x))``, a final
+    LayerNorm and a linear head (tied to the token embedding when ``tied``).
+    """
+
+    def __init__(self, vocab: int = 11, width: int = 4, tied: bool = False, seed: int = 0) -> None:
+        super().__init__()
+        generator = torch.Generator().manual_seed(seed)
+        self.embed = torch.nn.Embedding(vocab, width)
+        self.position = torch.nn.Embedding(8, width)
+        self.ln1 = torch.nn.LayerNorm(width)
+        self.up = torch.nn.Linear(width, 2 * width)
+        self.down = torch.nn.Linear(2 * width, width)
+        self.ln_f = torch.nn.LayerNorm(width)
+        self.head = torch.nn.Linear(width, vocab, bias=False)
+        if tied:
+            self.head.weight = self.embed.weight
+        with torch.no_grad():
+            for parameter in self.parameters():
+                parameter.copy_(torch.randn(parameter.shape, generator=generator))
+        self.eval()
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        positions = torch.arange(input_ids.shape[1], device=input_ids.device)
+        x = self.embed(input_ids) + self.position(positions)
+        x = x + self.down(torch.nn.functional.gelu(self.up(self.ln1(x))))
+        return self.head(self.ln_f(x))

@@ -347,7 +347,7 @@ def inputs(
     """
     specs = list(specs) if specs is not None else input_specs(gm)
     info = trace_info(gm)
-    bounds = _dim_bounds(specs, info, max_size)
+    bounds = _dim_bounds(gm, specs, info, max_size)
 
     @st.composite
     def draw(draw_fn: Any) -> tuple[torch.Tensor, ...]:
@@ -363,8 +363,9 @@ def inputs(
 
 
 def _dim_bounds(
-    specs: Sequence[InputSpec], info: TraceInfo | None, max_size: int
+    gm: torch.fx.GraphModule, specs: Sequence[InputSpec], info: TraceInfo | None, max_size: int
 ) -> dict[str, tuple[int, int]]:
+    limits = position_limits(gm)
     bounds: dict[str, tuple[int, int]] = {}
     for spec in specs:
         for dim in spec.shape:
@@ -375,8 +376,54 @@ def _dim_bounds(
                 upper = max_size if hi is None else min(hi, max_size)
                 if info is not None and info.max_positions and ("seq" in dim or "len" in dim):
                     upper = min(upper, info.max_positions)
+                if dim in limits:
+                    upper = min(upper, limits[dim])
                 bounds[dim] = (max(lo, 1), max(upper, max(lo, 1)))
     return bounds
+
+
+_INDEX_CARRIERS = {
+    aten.unsqueeze.default,
+    aten.expand.default,
+    aten.view.default,
+    aten.reshape.default,
+    aten.slice.Tensor,
+    aten.to.dtype,
+    aten._to_copy.default,
+    aten.clone.default,
+}
+
+
+def position_limits(gm: torch.fx.GraphModule) -> dict[str, int]:
+    """Dims that index a position table (``embedding(table, arange(seq) + offset)``), bounded by
+    the table's rows. Keys are dim labels as in :func:`input_specs`."""
+    info = trace_info(gm)
+    names = _dim_names(info, list(gm.graph.find_nodes(op="placeholder")))
+    limits: dict[str, int] = {}
+    for node in gm.graph.find_nodes(op="call_function", target=aten.embedding.default):
+        table = node.args[0].meta.get("val") if isinstance(node.args[0], torch.fx.Node) else None
+        index, offset = node.args[1], 0
+        while isinstance(index, torch.fx.Node) and index.op == "call_function":
+            if index.target in _INDEX_CARRIERS:
+                index = index.args[0]
+            elif index.target == aten.add.Tensor and isinstance(index.args[1], int):
+                offset += index.args[1]
+                index = index.args[0]
+            else:
+                break
+        if (
+            table is None
+            or not isinstance(index, torch.fx.Node)
+            or index.target != aten.arange.default
+        ):
+            continue
+        end = index.args[0] if len(index.args) == 1 else None
+        size = end.meta.get("val") if isinstance(end, torch.fx.Node) else None
+        if isinstance(size, torch.SymInt):
+            label = names.get(str(size.node.expr), str(size.node.expr))
+            limit = int(table.shape[0]) - offset
+            limits[label] = min(limit, limits.get(label, limit))
+    return limits
 
 
 def _make(
@@ -475,7 +522,7 @@ def _check_plain(
     atol: float | None,
 ) -> None:
     specs = input_specs(graph)
-    bounds = _dim_bounds(specs, trace_info(graph), max_size)
+    bounds = _dim_bounds(graph, specs, trace_info(graph), max_size)
     rng = random.Random(0)
     for _ in range(count):
         sizes = {name: rng.randint(lo, hi) for name, (lo, hi) in bounds.items()}

@@ -160,3 +160,38 @@ def test_fused_rotary_with_dynamic_batch_is_avoided(tmp_path, monkeypatch) -> No
     assert exported.notes and not exported.optimized
     with pytest.raises(Exception, match=r"cos_cache|sin_cache|RotaryEmbedding"):
         backend.check(out, trapped.path, (ids,))
+
+
+NORM_PIPELINES = [
+    (family, pipeline)
+    for family in ("gpt2", "opt", "gpt_neox", "bloom", "tenc")
+    for pipeline in (
+        "canonicalize,prernorm",
+        "canonicalize,prernorm,fold-ln",
+        "canonicalize,crmsnorm",
+    )
+] + [("llama", "canonicalize,fold-ln")]
+
+
+@pytest.mark.parametrize(
+    ("family", "pipeline"),
+    NORM_PIPELINES,
+    ids=[f"{f}-{p.split(',', 1)[1]}" for f, p in NORM_PIPELINES],
+)
+def test_normalization_passes_run_in_onnx_runtime(family: str, pipeline: str, tmp_path) -> None:
+    spec = ModelSpec(family, layers=2, outliers=True)
+    _, gm = traced(spec)
+    out = rewriter.Pipeline.parse(pipeline).run(gm).graph_module
+    exported = backend.export(out, None, tmp_path / "model.onnx")
+    types = _op_types(exported.path)
+    assert "LayerNormalization" not in types
+    sess = backend.session(exported.path)
+    for batch, seq in [(2, 8), (3, 13)]:
+        ids = torch.randint(0, spec.vocab, (batch, seq))
+        # ONNX Runtime running the rewritten model against the *original* graph.
+        report = backend.check(gm, exported.path, (ids,), sess=sess)
+        assert report.ok, f"{family} {pipeline}: {report}"
+    if "crmsnorm" in pipeline:
+        assert exported.lowering == {"crms_norm": "native"}
+    else:
+        assert "RMSNormalization" in types
