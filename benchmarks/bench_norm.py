@@ -177,9 +177,8 @@ def main() -> None:
     for key, value in e2e.items():
         if key == "throughput":
             for name, t in value.items():
-                print(
-                    f"{name:>16} weight edits: {t['edited_mb']:.0f} MB in {t['seconds']:.2f}s = {t['mb_per_s']:.0f} MB/s"
-                )
+                rate = f"{t['edited_mb']:.0f} MB in {t['seconds']:.2f}s = {t['mb_per_s']:.0f} MB/s"
+                print(f"{name:>16} weight edits: {rate}")
             continue
         for name, ratio in value["ratios"].items():
             print(f"{key:>6} {name:>36}: {ratio:.3f}x")
