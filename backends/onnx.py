@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import logging
 import os
 import warnings
@@ -90,26 +91,35 @@ NATIVE: dict[str, Any] = {
 """``rewriter::`` ops this backend lowers natively, with their ONNX translations (as data)."""
 
 
-def _simplified_layer_norm(
-    x: Any, normalized_shape: Sequence[int], weight: Any = None, eps: Any = None
+def _rms_norm(
+    x: Any, normalized_shape: Sequence[int], weight: Any = None, eps: Any = None, *, opset: int
 ) -> Any:
-    """``aten.rms_norm`` as ORT's fused ``SimplifiedLayerNormalization`` (opsets below 23)."""
+    """``aten.rms_norm`` as one fused node: ``RMSNormalization`` (opset 23) or ORT's
+    ``SimplifiedLayerNormalization`` below it. A missing weight becomes a constant of ones (the
+    exporter would otherwise build it at run time with Shape / ConstantOfShape)."""
     from onnxscript import opset18 as op
 
     width = int(normalized_shape[-1])
-    epsilon = (
-        1e-6 if eps is None else float(eps)
-    )  # aten's default is finfo.eps; traced graphs pass it
+    epsilon = _default_eps(x) if eps is None else float(eps)  # aten: None means finfo(dtype).eps
     if weight is None:
-        weight = op.CastLike(
-            op.ConstantOfShape(
-                op.Constant(value_ints=[width]), value=onnx.helper.make_tensor("one", 1, [1], [1.0])
-            ),
-            x,
-        )
+        ones = onnx.helper.make_tensor("ones", onnx.TensorProto.FLOAT, [width], [1.0] * width)
+        weight = op.CastLike(op.Constant(value=ones), x)
+    axis = -len(normalized_shape)
+    if opset >= 23:
+        from onnxscript import opset23
+
+        return opset23.RMSNormalization(x, weight, axis=axis, epsilon=epsilon, stash_type=1)
     return _ort_default_domain().SimplifiedLayerNormalization(
-        x, weight, axis=-len(normalized_shape), epsilon=epsilon, stash_type=1
+        x, weight, axis=axis, epsilon=epsilon, stash_type=1
     )
+
+
+def _default_eps(x: Any) -> float:
+    name = str(getattr(x, "dtype", "")).upper()
+    for key, dtype in (("BFLOAT16", torch.bfloat16), ("FLOAT16", torch.float16), ("DOUBLE", torch.float64)):
+        if name.endswith(key):
+            return float(torch.finfo(dtype).eps)
+    return float(torch.finfo(torch.float32).eps)
 
 
 def _ort_default_domain() -> Any:
@@ -162,8 +172,7 @@ def translation_table(gm: torch.fx.GraphModule, opset: int) -> dict[Any, Any]:
     for name in ops.rewriter_nodes(gm):
         if name in NATIVE:
             table[ops.OPS[name].overload] = NATIVE[name]
-    if opset < 23:
-        table[torch.ops.aten.rms_norm.default] = _simplified_layer_norm
+    table[torch.ops.aten.rms_norm.default] = functools.partial(_rms_norm, opset=opset)
     return table
 
 
@@ -365,8 +374,13 @@ def session(
     threads: int | None = None,
     accuracy_level: int | None = None,
     optimized_model_path: str | None = None,
+    spinning: bool = True,
 ) -> Any:
-    """An ORT CPU ``InferenceSession``; ``accuracy_level=0`` makes fused quantized matmuls exact."""
+    """An ORT CPU ``InferenceSession``; ``accuracy_level=0`` makes fused quantized matmuls exact.
+
+    ``spinning=False`` stops ORT's worker threads from busy-waiting between runs (they would
+    otherwise steal the CPU from whatever runs next: benchmarks that interleave runtimes).
+    """
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -379,6 +393,8 @@ def session(
         )
     if optimized_model_path is not None:
         options.optimized_model_filepath = optimized_model_path
+    if not spinning:
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 

@@ -15,14 +15,23 @@ import torch
 RESULTS = Path(__file__).parent / "results"
 
 
-def interleaved(cases: dict[str, Callable[[], Any]], repeats: int) -> dict[str, dict[str, float]]:
-    """Run every case once per round, ``repeats`` rounds; median and spread in seconds."""
+def interleaved(
+    cases: dict[str, Callable[[], Any]], repeats: int, inner: int = 1
+) -> dict[str, dict[str, float]]:
+    """Run every case once per round, ``repeats`` rounds; median and spread in seconds per call.
+
+    ``inner`` calls make one sample (for short ops, so one sample outlasts timer and scheduler
+    noise). Each case runs once untimed first (warm-up).
+    """
+    for fn in cases.values():
+        fn()
     times: dict[str, list[float]] = {name: [] for name in cases}
     for _ in range(repeats):
         for name, fn in cases.items():
             start = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - start)
+            for _ in range(inner):
+                fn()
+            times[name].append((time.perf_counter() - start) / inner)
     return {
         name: {
             "median_s": statistics.median(values),

@@ -61,7 +61,7 @@ class CRMSNormOp(torch.nn.Module):
 
 
 def _session_runner(path: Path, inputs: tuple[torch.Tensor, ...], threads: int):
-    sess = onnx.session(path, threads=threads)
+    sess = onnx.session(path, threads=threads, spinning=False)
     feeds = {i.name: t.numpy() for i, t in zip(sess.get_inputs(), inputs)}
     return lambda: sess.run(None, feeds)
 
@@ -81,7 +81,7 @@ def norm_ops(repeats: int, threads: int, work: Path) -> dict[str, object]:
         cases[f"ort_{name}"] = _session_runner(exported.path, (inp,), threads)
         cases[f"torch_{name}"] = lambda m=module, i=inp: m(i)
     with torch.no_grad():
-        results = interleaved(cases, repeats)
+        results = interleaved(cases, repeats, inner=20)
     ratios = {
         "ort_rms_speedup_over_layer_norm": results["ort_layer_norm"]["median_s"]
         / results["ort_rms_norm"]["median_s"],
