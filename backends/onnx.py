@@ -116,7 +116,11 @@ def _rms_norm(
 
 def _default_eps(x: Any) -> float:
     name = str(getattr(x, "dtype", "")).upper()
-    for key, dtype in (("BFLOAT16", torch.bfloat16), ("FLOAT16", torch.float16), ("DOUBLE", torch.float64)):
+    for key, dtype in (
+        ("BFLOAT16", torch.bfloat16),
+        ("FLOAT16", torch.float16),
+        ("DOUBLE", torch.float64),
+    ):
         if name.endswith(key):
             return float(torch.finfo(dtype).eps)
     return float(torch.finfo(torch.float32).eps)
