@@ -60,7 +60,7 @@ def test_golden_listing() -> None:
 @pytest.mark.parametrize("family", PRE_LN)
 def test_equivalent_on_random_configs(family: str, dtype: torch.dtype) -> None:
     @settings(max_examples=3)
-    @given(spec=verify.model_specs(family, max_layers=2, outliers=True, dtype=dtype))
+    @given(spec=verify.model_specs(family, max_layers=4, outliers=True, dtype=dtype))
     def check(spec: ModelSpec) -> None:
         model = spec.build()
         before = fingerprint(model)
