@@ -25,6 +25,7 @@ BUILTIN: dict[str, str] = {
     "prernorm": "rewriter.passes.prernorm:PreRMSNormPass",
     "fold-ln": "rewriter.passes.fold_ln:FoldNormPass",
     "crmsnorm": "rewriter.passes.crmsnorm:PreCRMSNormPass",
+    "ln-freeze": "rewriter.passes.ln_freeze:FreezeNormPass",
 }
 
 _USER: dict[str, type] = {}

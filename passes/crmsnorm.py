@@ -110,7 +110,7 @@ class PreCRMSNormPass(Pass):
 def _reader_plans(
     gm: torch.fx.GraphModule, norms: list[torch.fx.Node]
 ) -> list[tuple[NormUnit, list[LinearMap]]]:
-    units = {u.norm: u for u in norm_units(gm)}
+    units = {u.norm: u for u in norm_units(gm, frozen=False)}
     plans = []
     for norm in norms:
         unit = units[norm]

@@ -12,6 +12,12 @@ bias), for several readers of one norm (separate q/k/v projections, GPT-NeoX's p
 and MLP), for readers without a bias (one is created), and for the final norm feeding a tied LM
 head (the head is untied first; the embedding keeps the original tensor).
 
+Frozen norms (what ``ln-freeze`` leaves: ``(x - mean(x)) * g + beta``, or ``x * g + beta`` for an
+RMSNorm, with stored vectors ``g`` and ``beta``) fold the same way, their centering included
+(``W C``: each reader row loses its mean over the inputs), and then disappear: the graph is
+LN-free. The same covers any stored per-channel scale read only by linear maps (a half-precision
+Llama RMSNorm's weight, which ``canonicalize`` keeps separate).
+
 Precondition, per norm: every reader of its output (through views and other value-preserving ops)
 is a linear map. A norm read by anything else is left as it is, and the report says which reader
 kept it. Exact in the tolerance rule: in float64 the folded weights reproduce the original to
@@ -50,8 +56,9 @@ class FoldNormPass(Pass):
         for unit in units:
             readers, blocker = linear_readers(unit)
             if blocker is not None:
-                reason = f"read by {describe_node(blocker)}, not a linear map"
-                notes.append(f"kept {describe_node(unit.norm)}: {reason}")
+                if not unit.frozen or unit.centers:  # a stray channel scale needs no note
+                    reason = f"read by {describe_node(blocker)}, not a linear map"
+                    notes.append(f"kept {describe_node(unit.norm)}: {reason}")
             elif readers:
                 plans.append((unit, readers))
         if not plans:
@@ -63,7 +70,10 @@ class FoldNormPass(Pass):
             fold_affine(rw, unit, readers, rule="fold-into-reader")
         rw.finish()
         stats = dict(rw.counters)
-        stats["norms-folded"] = len(plans)
+        stats["norms-folded"] = sum(not unit.frozen for unit, _ in plans)
+        frozen = sum(unit.frozen for unit, _ in plans)
+        if frozen:
+            stats["frozen-norms-folded"] = frozen
         return PassResult(gm, changed=True, stats=stats, notes=notes)
 
 

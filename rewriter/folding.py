@@ -39,8 +39,13 @@ aten = torch.ops.aten
 
 @dataclasses.dataclass(frozen=True)
 class NormUnit:
-    """A normalization and its affine: ``norm`` (``layer_norm`` / ``rms_norm``), the node whose
-    value leaves the unit (``output``: the norm, or ``add(norm, beta)``), ``gamma`` and ``beta``."""
+    """A normalization and its affine, or the affine map a frozen norm became.
+
+    ``norm`` is the ``layer_norm`` / ``rms_norm`` node, or for a frozen unit (what ``ln-freeze``
+    leaves: ``(x - mean(x)) * g + beta`` or ``x * g + beta``, with ``g`` and ``beta`` stored
+    vectors) its first node. ``output`` is the node whose value leaves the unit; ``input`` the
+    unit's input; ``centers`` whether a frozen unit subtracts the mean.
+    """
 
     norm: torch.fx.Node
     output: torch.fx.Node
@@ -48,13 +53,20 @@ class NormUnit:
     beta: torch.fx.Node | None
     beta_add: torch.fx.Node | None
     width: int
+    frozen: bool = False
+    centers: bool = False
+    input: torch.fx.Node | None = None
 
     @property
     def kind(self) -> str:
+        if self.frozen:
+            return "frozen"
         return "layer" if self.norm.target == aten.layer_norm.default else "rms"
 
     @property
     def eps(self) -> float | None:
+        if self.frozen:
+            return None
         index = 4 if self.kind == "layer" else 3
         eps = self.norm.args[index] if len(self.norm.args) > index else self.norm.kwargs.get("eps")
         return 1e-5 if eps is None and self.kind == "layer" else eps
@@ -69,33 +81,78 @@ def _vector(node: object, width: int, dtype: torch.dtype) -> bool:
     return isinstance(val, torch.Tensor) and tuple(val.shape) == (width,) and val.dtype == dtype
 
 
-def norm_units(gm: torch.fx.GraphModule) -> list[NormUnit]:
-    """Every last-dim ``layer_norm`` / ``rms_norm`` with its affine, in graph order.
+def _stored_vector(node: object, width: int, dtype: torch.dtype) -> bool:
+    return isinstance(node, torch.fx.Node) and node.op == "get_attr" and _vector(node, width, dtype)
+
+
+def _beta_add(node: torch.fx.Node, width: int) -> torch.fx.Node | None:
+    """The single user ``add(node, beta)`` with ``beta`` a stored [width] vector, if any."""
+    if len(node.users) != 1:
+        return None
+    user = next(iter(node.users))
+    dtype = node.meta["val"].dtype
+    if (
+        user.target == aten.add.Tensor
+        and user.args[0] is node
+        and _stored_vector(user.args[1], width, dtype)
+    ):
+        return user
+    return None
+
+
+def norm_units(gm: torch.fx.GraphModule, *, frozen: bool = True) -> list[NormUnit]:
+    """Every last-dim ``layer_norm`` / ``rms_norm`` with its affine, in graph order, and (with
+    ``frozen``) every frozen unit: a stored per-channel scale, after an optional centering.
 
     ``rms_norm(x, w) + beta`` (what ``prernorm`` emits for a LayerNorm's bias) is one unit.
     """
     units = []
     for node in gm.graph.nodes:
         width = norm_width(node)
-        if width is None:
-            continue
-        gamma = node.args[2] if len(node.args) > 2 else node.kwargs.get("weight")
-        beta = None
-        if node.target == aten.layer_norm.default:
-            beta = node.args[3] if len(node.args) > 3 else node.kwargs.get("bias")
-        output, beta_add = node, None
-        if beta is None and len(node.users) == 1:
-            user = next(iter(node.users))
-            dtype = node.meta["val"].dtype
-            if (
-                user.target == aten.add.Tensor
-                and user.args[0] is node
-                and _vector(user.args[1], width, dtype)
-                and user.args[1].op == "get_attr"
-            ):
-                output, beta, beta_add = user, user.args[1], user
-        units.append(NormUnit(node, output, gamma, beta, beta_add, width))
+        if width is not None:
+            units.append(_norm_unit(node, width))
+        elif frozen and (unit := _frozen_unit(node)) is not None:
+            units.append(unit)
     return units
+
+
+def _norm_unit(node: torch.fx.Node, width: int) -> NormUnit:
+    gamma = node.args[2] if len(node.args) > 2 else node.kwargs.get("weight")
+    beta = None
+    if node.target == aten.layer_norm.default:
+        beta = node.args[3] if len(node.args) > 3 else node.kwargs.get("bias")
+    output, beta_add = node, None
+    if beta is None and (add := _beta_add(node, width)) is not None:
+        output, beta, beta_add = add, add.args[1], add
+    return NormUnit(node, output, gamma, beta, beta_add, width, input=node.args[0])
+
+
+def _frozen_unit(node: torch.fx.Node) -> NormUnit | None:
+    """``mul(x, g)`` or ``mul(x - mean(x), g)`` with ``g`` a stored vector (+ ``beta``)."""
+    if node.op != "call_function" or node.target != aten.mul.Tensor or len(node.args) != 2:
+        return None
+    source, gamma = node.args
+    val = node.meta.get("val")
+    if not isinstance(source, torch.fx.Node) or not isinstance(val, torch.Tensor) or val.dim() == 0:
+        return None
+    width = val.shape[-1]
+    if not isinstance(width, int) or not _stored_vector(gamma, width, val.dtype):
+        return None
+    first, unit_input, centers = node, source, False
+    if (
+        source.target == aten.sub.Tensor
+        and isinstance(source.args[1], torch.fx.Node)
+        and source.args[1].target == aten.mean.dim
+        and source.args[1].args[0] is source.args[0]
+        and list(source.args[1].args[1]) in ([-1], [source.meta["val"].dim() - 1])
+        and len(source.users) == 1
+    ):
+        first, unit_input, centers = source, source.args[0], True
+    add = _beta_add(node, width)
+    output, beta = (add, add.args[1]) if add is not None else (node, None)
+    return NormUnit(
+        first, output, gamma, beta, add, width, frozen=True, centers=centers, input=unit_input
+    )
 
 
 def linear_readers(unit: NormUnit) -> tuple[list[LinearMap], torch.fx.Node | None]:
@@ -161,7 +218,11 @@ def ensure_bias(rw: Rewriter, lin: LinearMap) -> LinearMap:
 def fold_affine(
     rw: Rewriter, unit: NormUnit, readers: list[LinearMap], *, rule: str = "fold-affine"
 ) -> None:
-    """Fold ``unit``'s gamma and beta into every reader, then drop them from the norm."""
+    """Fold ``unit``'s gamma and beta into every reader, then drop them from the norm.
+
+    For a frozen unit the centering folds too (``W C``: each reader row loses its mean over the
+    inputs) and the unit disappears: its readers read its input.
+    """
     gamma = str(unit.gamma.target) if unit.gamma is not None else None
     beta = str(unit.beta.target) if unit.beta is not None else None
     for reader in readers:
@@ -171,8 +232,32 @@ def fold_affine(
             rw.apply(bias_fold_edit(reader, beta))  # reads the weight before gamma scales it
         if gamma is not None:
             rw.apply(_weight_edit(reader, gamma))
+        if unit.centers:
+            rw.apply(_center_inputs_edit(reader))
         rw.counters[rule] += 1
-    _drop_affine(rw, unit, rule)
+    if unit.frozen:
+        rw.replace(unit.output, unit.input, rule="drop-frozen-norm")
+    else:
+        _drop_affine(rw, unit, rule)
+
+
+def _center_inputs_edit(lin: LinearMap) -> Edit:
+    """``W C``: the reader sees ``x - mean(x)``, so its weight loses its mean over the inputs."""
+    weight = lin.weight_name
+    if lin.layout == "out_in":
+        return Edit(
+            weight,
+            (weight,),
+            lambda b: (r := b.rows(weight)) - r.mean(-1, keepdim=True),
+            note="W C (center over inputs)",
+        )
+    width = lin.in_features
+    return Edit(
+        weight,
+        (weight,),
+        lambda b: b.rows(weight) - b.column_sum(weight) / width,
+        note="C W (in, out): center over inputs",
+    )
 
 
 def bias_fold_edit(lin: LinearMap, beta: str) -> Edit:

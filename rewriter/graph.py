@@ -46,6 +46,7 @@ __all__ = [
     "tie_groups",
     "transparent_users",
     "weight_name_for",
+    "with_outputs",
 ]
 
 aten = torch.ops.aten
@@ -67,6 +68,24 @@ def copy_graph_module(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
     new = torch.fx.GraphModule(gm, graph, class_name=type(gm).__name__)
     new.meta = dict(getattr(gm, "meta", {}))
     return new
+
+
+def with_outputs(gm: torch.fx.GraphModule, nodes: list[torch.fx.Node]) -> torch.fx.GraphModule:
+    """A copy of ``gm`` whose call returns the values of ``nodes`` (a tuple), for calibration.
+
+    It takes the same inputs by name; weights are shared with ``gm``. Nodes only needed for the
+    original outputs are dropped, so the copy computes no more than it must.
+    """
+    graph = torch.fx.Graph()
+    mapping: dict[torch.fx.Node, torch.fx.Node] = {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        graph.graph_copy(gm.graph, mapping)  # copies everything but the output node
+    graph.output(tuple(mapping[n] for n in nodes))
+    graph.eliminate_dead_code(is_impure_node=lambda n: n.op == "call_module" or n.is_impure())
+    copy = torch.fx.GraphModule(gm, graph, class_name="Probe")
+    copy.meta = dict(getattr(gm, "meta", {}))
+    return copy
 
 
 # --- weights and ties ----------------------------------------------------------------------------
