@@ -33,6 +33,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
+from collections.abc import Callable
 from typing import Any, ClassVar, Literal
 
 import torch
@@ -79,8 +80,19 @@ class FreezeNormPass(Pass):
     aux_weight: float = option(
         0.0, "Weight of the auxiliary loss pulling per-token scales to the constants."
     )
+    per_norm: bool = option(
+        True, "With evaluation data, report each norm's perplexity frozen alone (1 eval each)."
+    )
+    recover_loss: Literal["kd", "lm"] = option(
+        "kd",
+        "Recovery objective: 'kd' matches the unfrozen graph's next-token distribution, "
+        "'lm' is next-token cross-entropy on the calibration text.",
+    )
 
     def run(self, gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
+        from rewriter.passes.canonicalize import CanonicalizePass
+
+        CanonicalizePass().run(gm, ctx)  # written-out norms (Llama's RMSNorm) become single ops
         units = self._select(gm)
         if not units:
             return PassResult(
@@ -106,16 +118,27 @@ class FreezeNormPass(Pass):
             notes.append(f"budget {self.budget}: froze {len(chosen)} of {len(units)} norms")
         else:
             metrics["per_norm"] = {_label(u): {"sigma": sigmas[u.norm]} for u in units}
+            if self.per_norm and judge.ids is not None and len(units) > 1:
+                for unit in progress(
+                    units, total=len(units), description="ln-freeze: each norm", enabled=judge.show
+                ):
+                    alone = _frozen_copy(gm, [unit], sigmas, self.name)
+                    metrics["per_norm"][_label(unit)]["ppl_frozen_alone"] = judge.metric(
+                        "ppl", alone
+                    )
         if not chosen:
             notes.append("no norm fits the budget: nothing frozen")
             metrics.update(judge.report("before", gm))
             return PassResult(gm, changed=False, notes=notes, metrics=metrics)
         metrics.update(judge.report("before", gm))
+        teacher = (
+            copy_graph_module(gm) if self.recover_steps and self.recover_loss == "kd" else None
+        )
         _freeze(gm, chosen, sigmas, self.name)
         metrics.update(judge.report("frozen", gm))
         metrics["frozen"] = [_label(u) for u in chosen]
         if self.recover_steps > 0:
-            report = self._recover(gm, chosen, sigmas, ctx)
+            report = self._recover(gm, teacher, ctx)
             metrics["recovery_loss_first"], metrics["recovery_loss_last"] = (
                 report.first,
                 report.last,
@@ -188,14 +211,11 @@ class FreezeNormPass(Pass):
 
     # -- recovery --
     def _recover(
-        self,
-        gm: torch.fx.GraphModule,
-        chosen: list[NormUnit],
-        sigmas: dict[torch.fx.Node, float],
-        ctx: PassContext,
+        self, gm: torch.fx.GraphModule, teacher: torch.fx.GraphModule | None, ctx: PassContext
     ) -> Any:
         batches = ctx.batches("calibration", pass_name=self.name)
         params = [n for n, p in gm.named_parameters() if p.is_floating_point()]
+        objective = _objective(teacher)
         if self.aux_weight <= 0:
             return train(
                 gm,
@@ -203,11 +223,14 @@ class FreezeNormPass(Pass):
                 steps=self.recover_steps,
                 lr=self.recover_lr,
                 params=params,
+                loss=lambda output, batch: objective(logits_of(output), batch),
                 seed=ctx.seed,
+                warmup=_warmup(self.recover_steps),
+                schedule="cosine",
                 show_progress=ctx.progress,
                 description="ln-freeze: recovery",
             )
-        return _train_with_aux(gm, batches, self, ctx, params)
+        return _train_with_aux(gm, batches, self, ctx, params, objective)
 
 
 # --- calibration ---------------------------------------------------------------------------------
@@ -329,6 +352,37 @@ def _frozen_copy(
     return trial
 
 
+# --- recovery objectives -------------------------------------------------------------------------
+
+
+def _objective(
+    teacher: torch.fx.GraphModule | None,
+) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """Next-token cross-entropy, or (with a teacher) the KL divergence from the teacher's
+    next-token distribution, averaged over tokens.
+
+    Distillation keeps the recovered model close to the original everywhere instead of fitting
+    the calibration text: with a few thousand tokens of it, cross-entropy fine-tuning measurably
+    drifts a trained model (README, ``bench_ln_freeze``).
+    """
+    if teacher is None:
+        return lambda logits, batch: causal_lm_loss(logits, batch)
+
+    def kd(logits: torch.Tensor, batch: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            target = torch.log_softmax(logits_of(teacher(batch)).float(), -1)
+        student = torch.log_softmax(logits.float(), -1)
+        width = student.shape[-1]
+        return torch.nn.functional.kl_div(
+            student.reshape(-1, width),
+            target.reshape(-1, width),
+            log_target=True,
+            reduction="batchmean",
+        )
+
+    return kd
+
+
 # --- recovery with the auxiliary loss ------------------------------------------------------------
 
 
@@ -338,6 +392,7 @@ def _train_with_aux(
     step: FreezeNormPass,
     ctx: PassContext,
     params: list[str],
+    objective: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
 ) -> Any:
     """Recovery with an auxiliary loss: the spread of each frozen norm's per-token scale.
 
@@ -359,7 +414,7 @@ def _train_with_aux(
         for value in inputs:
             scale = value.float().pow(2).mean(-1).sqrt()
             spreads.append((scale / scale.mean() - 1).pow(2).mean())
-        return causal_lm_loss(logits, batch) + step.aux_weight * torch.stack(spreads).mean()
+        return objective(logits, batch) + step.aux_weight * torch.stack(spreads).mean()
 
     report = train(
         probe,
@@ -369,6 +424,8 @@ def _train_with_aux(
         params=params,
         loss=loss,
         seed=ctx.seed,
+        warmup=_warmup(step.recover_steps),
+        schedule="cosine",
         show_progress=ctx.progress,
         description="ln-freeze: recovery (aux)",
     )
@@ -386,6 +443,11 @@ def _logits_node(output: torch.fx.Node) -> torch.fx.Node:
 
 
 # --- helpers -------------------------------------------------------------------------------------
+
+
+def _warmup(steps: int) -> int:
+    """Recovery warms up over a tenth of its steps, then decays on a cosine."""
+    return max(1, steps // 10)
 
 
 def _label(unit: NormUnit) -> str:

@@ -12,6 +12,8 @@ randomness of the loss.
 from __future__ import annotations
 
 import dataclasses
+import functools
+import math
 import re
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
@@ -79,6 +81,8 @@ def train(
     seed: int = 0,
     weight_decay: float = 0.0,
     grad_clip: float | None = 1.0,
+    warmup: int = 0,
+    schedule: str = "constant",
     show_progress: bool = True,
     description: str = "training",
 ) -> TrainReport:
@@ -88,6 +92,9 @@ def train(
     a predicate, or None for the parameters already marked trainable (adapters). ``batches`` are
     token-id tensors for ``loss="causal-lm"``, ``(inputs, target)`` pairs for ``loss="mse"``, or
     anything a callable ``loss(output, batch)`` understands; they are cycled for ``steps``.
+    The learning rate rises linearly over ``warmup`` steps, then stays (``schedule="constant"``)
+    or follows a cosine to zero (``"cosine"``): a fresh optimizer on a trained model moves every
+    weight by about ``lr`` in its first steps, so fine-tuning a converged model wants both.
 
     Example::
 
@@ -97,6 +104,8 @@ def train(
     """
     if steps < 1:
         raise ValueError("steps must be >= 1")
+    if schedule not in ("constant", "cosine"):
+        raise ValueError(f"schedule must be 'constant' or 'cosine', got {schedule!r}")
     if not batches:
         raise RewriterError("train() needs at least one batch")
     names = _select(gm, params)
@@ -111,6 +120,9 @@ def train(
     for parameter in chosen:
         parameter.requires_grad_(True)
     optimizer = torch.optim.AdamW(chosen, lr=lr, weight_decay=weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, functools.partial(_lr_factor, warmup=warmup, steps=steps, schedule=schedule)
+    )
     loss_fn = _loss_function(loss)
     info = trace_info(gm)
     generator = torch.Generator().manual_seed(seed)
@@ -129,11 +141,21 @@ def train(
             if grad_clip is not None:
                 torch.nn.utils.clip_grad_norm_(chosen, grad_clip)
             optimizer.step()
+            scheduler.step()
             losses.append(float(value.detach()))
     finally:
         for name, parameter in _named_parameters(gm):
             parameter.requires_grad_(previous_flags.get(name, False))
     return TrainReport(losses, names)
+
+
+def _lr_factor(step: int, *, warmup: int, steps: int, schedule: str) -> float:
+    if step < warmup:
+        return (step + 1) / (warmup + 1)
+    if schedule == "constant":
+        return 1.0
+    progress_ = (step - warmup) / max(1, steps - warmup)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress_)))
 
 
 def _named_parameters(gm: torch.fx.GraphModule) -> list[tuple[str, torch.nn.Parameter]]:
