@@ -26,6 +26,7 @@ BUILTIN: dict[str, str] = {
     "fold-ln": "rewriter.passes.fold_ln:FoldNormPass",
     "crmsnorm": "rewriter.passes.crmsnorm:PreCRMSNormPass",
     "ln-freeze": "rewriter.passes.ln_freeze:FreezeNormPass",
+    "l1quant": "rewriter.passes.l1quant:L1QuantPass",
 }
 
 _USER: dict[str, type] = {}

@@ -1,4 +1,4 @@
-"""The ``rewriter::`` op set and the contract every op in it follows.
+"""The contract every ``rewriter::`` op follows, and the lowering helpers built on it.
 
 Every op a pass introduces is a real ``torch.library`` custom op with
 
@@ -12,13 +12,6 @@ Every op a pass introduces is a real ``torch.library`` custom op with
 
 Backends declare, as data, which ops they lower natively (:func:`check_lowerable`); any other
 ``rewriter::`` op falls back to its decomposition or fails with an error naming the op and node.
-
-Ops defined here:
-
-* ``rewriter::crms_norm(x, eps)``: Pre-CRMSNorm (Jiang et al. 2023). ``x`` holds the first
-  ``d - 1`` coordinates of a zero-mean vector of width ``d`` (the last one is ``-sum(x)``);
-  ``y = x / sqrt((sum x_i^2 + (sum x_i)^2) / d + eps)``, the first ``d - 1`` coordinates of
-  ``rms_norm`` of the full vector. Computed in float32 for half types, like ``aten.rms_norm``.
 """
 
 from __future__ import annotations
@@ -35,7 +28,6 @@ __all__ = [
     "OPS",
     "OpContract",
     "check_lowerable",
-    "crms_norm",
     "decompose",
     "decomposition_table",
     "rewriter_nodes",
@@ -61,68 +53,10 @@ OPS: dict[str, OpContract] = {}
 """Every ``rewriter::`` op, by name."""
 
 
-def _register(contract: OpContract) -> OpContract:
+def register(contract: OpContract) -> OpContract:
+    """Add ``contract`` to :data:`OPS` (each op module calls this once per op)."""
     OPS[contract.name] = contract
     return contract
-
-
-# --- crms_norm -----------------------------------------------------------------------------------
-
-
-def _opmath(x: torch.Tensor) -> torch.Tensor:
-    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
-
-
-def crms_norm_reference(x: torch.Tensor, eps: float) -> torch.Tensor:
-    """Plain-torch semantics of ``rewriter::crms_norm`` (also its ATen decomposition)."""
-    xs = _opmath(x)
-    width = xs.shape[-1] + 1
-    implied = xs.sum(-1, keepdim=True)
-    mean_square = (xs.pow(2).sum(-1, keepdim=True) + implied.pow(2)) / width
-    return (xs * torch.rsqrt(mean_square + eps)).to(x.dtype)
-
-
-@torch.library.custom_op("rewriter::crms_norm", mutates_args=())
-def crms_norm(x: torch.Tensor, eps: float) -> torch.Tensor:
-    """Compressed RMSNorm over the last dim of ``x`` (width d - 1 of a zero-mean d-vector)."""
-    return crms_norm_reference(x, eps)
-
-
-@crms_norm.register_fake
-def _crms_norm_fake(x: torch.Tensor, eps: float) -> torch.Tensor:
-    return torch.empty_like(x)
-
-
-def _crms_norm_setup(ctx: object, inputs: tuple[torch.Tensor, float], output: torch.Tensor) -> None:
-    x, eps = inputs
-    ctx.save_for_backward(x)  # type: ignore[attr-defined]
-    ctx.eps = eps  # type: ignore[attr-defined]
-
-
-def _crms_norm_backward(ctx: object, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
-    # y_j = x_j r with r = (s/d + eps)^(-1/2), s = sum x^2 + (sum x)^2, so
-    # dL/dx_i = g_i r - r^3 (x_i + sum x) / d * sum_j g_j x_j.
-    (x,) = ctx.saved_tensors  # type: ignore[attr-defined]
-    xs, gs = _opmath(x), _opmath(grad)
-    width = xs.shape[-1] + 1
-    implied = xs.sum(-1, keepdim=True)
-    r = torch.rsqrt((xs.pow(2).sum(-1, keepdim=True) + implied.pow(2)) / width + ctx.eps)  # type: ignore[attr-defined]
-    dot = (gs * xs).sum(-1, keepdim=True)
-    grad_x = gs * r - r.pow(3) * (xs + implied) * dot / width
-    return grad_x.to(x.dtype), None
-
-
-crms_norm.register_autograd(_crms_norm_backward, setup_context=_crms_norm_setup)
-
-_register(
-    OpContract(
-        name="crms_norm",
-        overload=torch.ops.rewriter.crms_norm.default,
-        reference=crms_norm_reference,
-        decomposition=crms_norm_reference,
-        summary="RMSNorm of a zero-mean d-vector stored as its first d-1 coordinates",
-    )
-)
 
 
 # --- lowering support ----------------------------------------------------------------------------

@@ -1,0 +1,43 @@
+"""The ``rewriter::`` op set and the contract every op in it follows (:mod:`.contract`).
+
+Ops (one module per family):
+
+* ``rewriter::crms_norm(x, eps)`` (:mod:`.norms`): Pre-CRMSNorm (Jiang et al. 2023). ``x`` holds
+  the first ``d - 1`` coordinates of a zero-mean vector of width ``d`` (the last is ``-sum(x)``);
+  ``y = x / sqrt((sum x_i^2 + (sum x_i)^2) / d + eps)``, the first ``d - 1`` coordinates of
+  ``rms_norm`` of the full vector. Computed in float32 for half types, like ``aten.rms_norm``.
+* ``rewriter::l1_norm(x, weight, bias, eps, centered, factor)`` (:mod:`.norms`): ``d = x -
+  mean(x)`` (centered, for LayerNorm) or ``x`` (for RMSNorm); ``y = d / (factor * mean|d| +
+  eps) * weight + bias``. No squares or square roots (L1BN, Wu et al. 2018; Guo et al. 2024).
+* ``rewriter::shiftquant_linear(x, packed, exponents, bias, bits, group, in_features,
+  act_bits)`` (:mod:`.quant`): ``x W^T + b`` with ``W`` stored as packed b-bit integers with
+  one power-of-two scale per group of inputs; the format is documented in :mod:`.quant`.
+"""
+
+from __future__ import annotations
+
+from rewriter.ops.contract import (
+    OPS,
+    OpContract,
+    check_lowerable,
+    decompose,
+    decomposition_table,
+    register,
+    rewriter_nodes,
+)
+from rewriter.ops.norms import GAUSSIAN_FACTOR, crms_norm, l1_norm
+from rewriter.ops.quant import shiftquant_linear
+
+__all__ = [
+    "GAUSSIAN_FACTOR",
+    "OPS",
+    "OpContract",
+    "check_lowerable",
+    "crms_norm",
+    "decompose",
+    "decomposition_table",
+    "l1_norm",
+    "register",
+    "rewriter_nodes",
+    "shiftquant_linear",
+]
