@@ -27,6 +27,7 @@ BUILTIN: dict[str, str] = {
     "crmsnorm": "rewriter.passes.crmsnorm:PreCRMSNormPass",
     "ln-freeze": "rewriter.passes.ln_freeze:FreezeNormPass",
     "l1quant": "rewriter.passes.l1quant:L1QuantPass",
+    "linearize": "rewriter.passes.linearize:LinearizePass",
 }
 
 _USER: dict[str, type] = {}

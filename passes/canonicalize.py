@@ -9,7 +9,13 @@ but it makes graphs smaller and uniform:
 * RMSNorm written out as Hugging Face Llama does (``to(f32)``, ``pow``, ``mean``, ``add eps``,
   ``rsqrt``, ``mul``, cast back, ``mul weight``) becomes ``aten.rms_norm`` with the eps it used;
 * LayerNorm written out (``x - mean``, biased variance, ``/ sqrt(var + eps)`` or
-  ``* rsqrt(var + eps)``, optional ``* weight + bias``) becomes ``aten.layer_norm``.
+  ``* rsqrt(var + eps)``, optional ``* weight + bias``) becomes ``aten.layer_norm``;
+* softmax attention written out (``softmax(q @ k^T * s + mask) @ v``, as eager attention
+  implementations export it) becomes ``aten.scaled_dot_product_attention(q, k, v, mask,
+  scale=s)``, so every later pass sees attention in one form. BLOOM's form, an additive
+  per-head bias (ALiBi) inside ``baddbmm`` on ``[B*H, T, D]`` views, becomes SDPA on the 4-D
+  tensors with the bias added to the mask. A softmax computed in a wider dtype than q (BLOOM in
+  half precision upcasts to float32) is left alone: SDPA would round differently.
 
 Both recognitions are built bottom-up from small rules (normalize, fold the casts, absorb the
 weight, absorb the bias), so partial forms (no weight, no bias) are recognised too. Values are
@@ -39,7 +45,7 @@ from rewriter.driver import ERASE, Rewriter, RuleSet, apply_rules, emit, rule
 from rewriter.pattern import Match, P
 from rewriter.pipeline import Pass, PassResult, option
 
-__all__ = ["RULES_NOOPS", "RULES_NORMS", "CanonicalizePass"]
+__all__ = ["RULES_ATTENTION", "RULES_NOOPS", "RULES_NORMS", "CanonicalizePass"]
 
 aten = torch.ops.aten
 
@@ -247,6 +253,135 @@ RULES_NORMS = RuleSet([
 # fmt: on
 
 
+# --- composite softmax attention -> scaled_dot_product_attention ----------------------------------
+
+
+def _swaps_last_two(node: torch.fx.Node) -> bool:
+    rank = _val(node.args[0]).dim() if _val(node.args[0]) is not None else 0
+    return rank == 4 and {d % rank for d in node.args[1:3]} == {2, 3}
+
+
+def _softmax_last(node: torch.fx.Node) -> bool:
+    val = _val(node)
+    return isinstance(val, torch.Tensor) and val.dim() == 4 and node.args[1] in (-1, 3)
+
+
+def attention_fits(match: Match) -> bool:
+    """4-D q, k, v of one dtype; the scores, scaling and softmax feed nothing else; the mask (if
+    any) is boolean or of the scores' dtype and broadcasts to them."""
+    q, k, v = (_val(match[n]) for n in ("q", "k", "v"))
+    if not all(isinstance(t, torch.Tensor) and t.dim() == 4 for t in (q, k, v)):
+        return False
+    if len({q.dtype, k.dtype, v.dtype}) != 1 or not q.dtype.is_floating_point:
+        return False
+    for node in match.nodes:
+        if node is not match.root and len(node.users) != 1:
+            return False
+    softmax = match.root.args[0]
+    if len(softmax.args) > 2 and softmax.args[2] not in (None, q.dtype):
+        return False  # a softmax in a wider type (BLOOM's float32 for half models) changes values
+    mask = match.bindings.get("mask")
+    if mask is not None:
+        m = _val(mask)
+        if not isinstance(m, torch.Tensor) or m.dim() != 4 or m.dtype not in (torch.bool, q.dtype):
+            return False
+    return True
+
+
+def _to_sdpa(
+    q: Any, k: Any, v: Any, mask: Any = None, scale: Any = 1.0, divisor: Any = None
+) -> Any:
+    factor = 1.0 / float(divisor) if divisor is not None else float(scale)
+    return emit(aten.scaled_dot_product_attention.default, q, k, v, mask, scale=factor)
+
+
+_q, _k, _v, _mask = P.var("q"), P.var("k"), P.var("v"), P.var("mask")
+_scores = P.call(aten.matmul.default, _q, P.call(aten.transpose.int, _k, where=_swaps_last_two))
+_scaled = P.any_of(
+    P.call(aten.mul.Tensor, _scores, P.const("scale")),
+    P.call(aten.div.Tensor, _scores, P.const("divisor")),
+    _scores,
+)
+_logits = P.any_of(P.call(aten.add.Tensor, _scaled, _mask), _scaled)
+_SOFTMAX = {aten.softmax.int, aten._softmax.default}
+_FLAT = {aten.reshape.default, aten.view.default, aten._unsafe_view.default}
+
+
+def _merges_batch_and_heads(node: torch.fx.Node) -> bool:
+    """``[B, H, T, D] -> [B*H, T, D]``."""
+    src, out = _val(node.args[0]), _val(node)
+    return (
+        isinstance(src, torch.Tensor)
+        and isinstance(out, torch.Tensor)
+        and src.dim() == 4
+        and out.dim() == 3
+        and statically_known_true(out.shape[0] == src.shape[0] * src.shape[1])
+        and statically_known_true(out.shape[1] == src.shape[2])
+    )
+
+
+def _splits_batch_and_heads(node: torch.fx.Node) -> bool:
+    """``[B*H, T, S] -> [B, H, T, S]`` (and the reverse view after the softmax)."""
+    src, out = _val(node.args[0]), _val(node)
+    return (
+        isinstance(src, torch.Tensor)
+        and isinstance(out, torch.Tensor)
+        and {src.dim(), out.dim()} == {3, 4}
+    )
+
+
+def _swaps_last_two_3d(node: torch.fx.Node) -> bool:
+    rank = _val(node.args[0]).dim() if _val(node.args[0]) is not None else 0
+    return rank == 3 and {d % rank for d in node.args[1:3]} == {1, 2}
+
+
+def baddbmm_attention_fits(match: Match) -> bool:
+    """BLOOM's form: the bias is ``[B*H, 1, S]`` (one row per head), ``beta`` is 1, and the
+    4-D tensors before flattening are q, k, v of one float dtype."""
+    scores = match["scores"]
+    if scores.kwargs.get("beta", 1) != 1:
+        return False
+    bias = _val(match["bias"])
+    if not isinstance(bias, torch.Tensor) or bias.dim() != 3 or bias.shape[1] != 1:
+        return False
+    return attention_fits(match)
+
+
+def _bias_to_sdpa(
+    q: Any, k: Any, v: Any, bias: Any, mask: Any, scores: torch.fx.Node, split: Any
+) -> Any:
+    # bias [B*H, 1, S] -> [B, H, 1, S], added to the mask: scale * q k^T + bias + mask, as before.
+    batch, heads = split[0], split[1]
+    bias4 = emit(aten.view.default, bias, [batch, heads, 1, -1])
+    combined = emit(aten.add.Tensor, bias4, mask)
+    alpha = float(scores.kwargs.get("alpha", 1.0))
+    return emit(aten.scaled_dot_product_attention.default, q, k, v, combined, scale=alpha)
+
+
+_flat_q = P.call(_FLAT, _q, P.var("q_shape"), where=_merges_batch_and_heads)
+_flat_k_t = P.call(
+    aten.transpose.int,
+    P.call(_FLAT, _k, P.var("k_shape"), where=_merges_batch_and_heads),
+    where=_swaps_last_two_3d,
+)
+_flat_v = P.call(_FLAT, _v, P.var("v_shape"), where=_merges_batch_and_heads)
+_biased_scores = P.call(aten.baddbmm.default, P.var("bias"), _flat_q, _flat_k_t, name="scores")
+_split_scores = P.call(_FLAT, _biased_scores, P.var("split"), where=_splits_batch_and_heads)
+_bloom_probs = P.call(_SOFTMAX, P.call(aten.add.Tensor, _split_scores, _mask), where=_softmax_last)
+_bloom_out = P.call(
+    aten.bmm.default,
+    P.call(_FLAT, _bloom_probs, P.var("p_shape"), where=_splits_batch_and_heads),
+    _flat_v,
+)
+
+# fmt: off
+RULES_ATTENTION = RuleSet([
+    rule(P.call(aten.matmul.default, P.call(_SOFTMAX, _logits, where=_softmax_last), _v), _to_sdpa, name="recognize-attention", where=attention_fits),  # softmax(q k^T s + mask) v -> sdpa(q, k, v, mask, s)  # noqa: E501
+    rule(P.call(_FLAT, _bloom_out, P.var("o_shape"), where=_splits_batch_and_heads), _bias_to_sdpa, name="recognize-biased-attention", where=baddbmm_attention_fits),  # view(bmm(softmax(view(baddbmm(bias, q, k^T, alpha)) + mask), v)) -> sdpa(q, k, v, bias + mask, alpha)  # noqa: E501
+])
+# fmt: on
+
+
 @dataclasses.dataclass(frozen=True)
 class CanonicalizePass(Pass):
     """Remove dropout, aliases and no-ops; recognise composite RMSNorm and LayerNorm."""
@@ -254,11 +389,16 @@ class CanonicalizePass(Pass):
     name: ClassVar[str] = "canonicalize"
 
     norms: bool = option(True, "Recognise written-out RMSNorm / LayerNorm as single ops.")
+    attention: bool = option(
+        True, "Recognise written-out softmax attention as scaled_dot_product_attention."
+    )
     max_iterations: int = option(10, "Bound on rule sweeps over the graph (fixpoint iteration).")
 
     def run(self, gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
         rw = Rewriter(gm, pass_name=self.name)
         rules = RULES_NOOPS + RULES_NORMS if self.norms else RULES_NOOPS
+        if self.attention:
+            rules = rules + RULES_ATTENTION
         stats = apply_rules(rw, rules, max_iterations=self.max_iterations)
         pruned = rw.finish()
         counts = dict(stats.fired)

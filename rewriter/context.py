@@ -32,7 +32,8 @@ class PassContext:
     """
 
     calibration: Any = None
-    """Calibration data: text (str or list of str) or token ids (a [B, T] tensor or a list)."""
+    """Calibration data: text (str or list of str), token ids (a [B, T] tensor or a list), or a
+    list of dicts of named inputs (``{"input_ids": ..., "attention_mask": ...}``)."""
     evaluation: Any = None
     """Evaluation data in the same forms. When given, pipelines report the perplexity of the
     input graph and after every pass, and budgets are measured on it."""
@@ -96,8 +97,8 @@ class PassContext:
             result = _chunk(ids, seq_len, batch_size)
         elif isinstance(data, torch.Tensor):
             result = list(data.split(batch_size)) if data.dim() == 2 else [data.unsqueeze(0)]
-        else:
-            result = [torch.as_tensor(b) for b in data]
+        else:  # a list of batches: id tensors, or dicts of named inputs (ids and attention mask)
+            result = [b if isinstance(b, dict) else torch.as_tensor(b) for b in data]
         if not result:
             raise RewriterError(f"{kind} data is too short for one batch of {seq_len} tokens")
         return result[:limit] if limit is not None else result

@@ -111,7 +111,11 @@ def test_auxiliary_loss_recovery_runs(embedded) -> None:
 
 def test_ln_free_model_runs_in_onnx_runtime(embedded, tmp_path) -> None:
     _, tokenizer, gm = embedded
-    out = rewriter.Pipeline.parse("ln-freeze,fold-ln").run(gm, _context(tokenizer)).graph_module
+    out = (
+        rewriter.Pipeline.parse("ln-freeze(per_norm=false),fold-ln")
+        .run(gm, _context(tokenizer))
+        .graph_module
+    )
     exported = rewriter.backends.onnx.export(out, None, tmp_path / "ln_free.onnx")
     import onnx
 
@@ -148,6 +152,6 @@ def test_selection_and_missing_data_errors(embedded) -> None:
 def test_nothing_left_to_freeze_is_a_no_op(embedded) -> None:
     _, tokenizer, gm = embedded
     ctx = _context(tokenizer)
-    frozen = rewriter.Pipeline.parse("ln-freeze").run(gm, ctx).graph_module
+    frozen = rewriter.Pipeline.parse("ln-freeze(per_norm=false)").run(gm, ctx).graph_module
     again = rewriter.Pipeline.parse("ln-freeze").run(frozen, ctx)
     assert not again.report.records[0].changed

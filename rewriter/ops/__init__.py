@@ -12,10 +12,15 @@ Ops (one module per family):
 * ``rewriter::shiftquant_linear(x, packed, exponents, bias, bits, group, in_features,
   act_bits)`` (:mod:`.quant`): ``x W^T + b`` with ``W`` stored as packed b-bit integers with
   one power-of-two scale per group of inputs; the format is documented in :mod:`.quant`.
+* ``rewriter::linear_attention(q, k, v, phi_q, phi_k, key_mask, decay, window_gate, causal,
+  window, scale, eps)`` (:mod:`.attention`): kernelized attention over feature maps, with an
+  optional softmax window sharing the normalizer (LoLCATs) and per-head decay; quadratic,
+  chunked and recurrent forms.
 """
 
 from __future__ import annotations
 
+from rewriter.ops.attention import linear_attention
 from rewriter.ops.contract import (
     OPS,
     OpContract,
@@ -37,6 +42,7 @@ __all__ = [
     "decompose",
     "decomposition_table",
     "l1_norm",
+    "linear_attention",
     "register",
     "rewriter_nodes",
     "shiftquant_linear",
