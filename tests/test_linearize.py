@@ -69,7 +69,7 @@ def test_linear_graph_matches_the_reference_form() -> None:
     torch.testing.assert_close(phi_q, torch.nn.functional.elu(q) + 1)
 
 
-def test_bert_is_non_causal_and_keeps_the_padding_mask() -> None:
+def test_bert_is_non_causal_and_keeps_the_padding_mask(tmp_path) -> None:
     spec = ModelSpec("bert", layers=1, vocab=100)
     model = spec.build()
     ids = torch.randint(1, 100, (2, 9))
@@ -90,6 +90,10 @@ def test_bert_is_non_causal_and_keeps_the_padding_mask() -> None:
     short = out(ids[1:, :6], padded[1:, :6])
     got = rewriter.verify.outputs(full)[0][1, :6]
     torch.testing.assert_close(got, rewriter.verify.outputs(short)[0][0], rtol=1e-4, atol=1e-5)
+    from rewriter.backends import onnx as backend
+
+    exported = backend.export(out, None, tmp_path / "bert.onnx")
+    assert backend.check(out, exported.path, (ids, padded)).ok
 
 
 def test_bloom_alibi_is_refused_unless_decay_represents_it(tmp_path) -> None:
