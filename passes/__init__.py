@@ -28,6 +28,8 @@ BUILTIN: dict[str, str] = {
     "ln-freeze": "rewriter.passes.ln_freeze:FreezeNormPass",
     "l1quant": "rewriter.passes.l1quant:L1QuantPass",
     "linearize": "rewriter.passes.linearize:LinearizePass",
+    "lora": "rewriter.passes.lora:LoRAPass",
+    "merge-adapters": "rewriter.passes.merge_adapters:MergeAdaptersPass",
 }
 
 _USER: dict[str, type] = {}

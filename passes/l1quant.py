@@ -68,8 +68,7 @@ from rewriter.graph import (
     LinearMap,
     as_linear,
     copy_graph_module,
-    is_metadata_reader,
-    is_transparent,
+    is_lm_head,
     linear_maps,
     module_path,
     weight_name_for,
@@ -527,27 +526,6 @@ def round_to_nearest_baseline(
 
 
 # --- helpers -------------------------------------------------------------------------------------
-
-
-def is_lm_head(lin: LinearMap) -> bool:
-    """A map whose output is a graph output (through views) or whose weight an embedding reads."""
-    if any(u.target == aten.embedding.default for u in lin.weight.users):
-        return True
-    return any(user.op == "output" for user in _value_users(lin.output))
-
-
-def _value_users(node: torch.fx.Node) -> list[torch.fx.Node]:
-    found, stack, seen = [], list(node.users), set()
-    while stack:
-        user = stack.pop()
-        if user in seen or is_metadata_reader(user):
-            continue
-        seen.add(user)
-        if is_transparent(user):
-            stack.extend(user.users)
-        else:
-            found.append(user)
-    return found
 
 
 def _linear_label(lin: LinearMap) -> str:

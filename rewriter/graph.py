@@ -32,6 +32,7 @@ __all__ = [
     "fake_mode_of",
     "format_graph",
     "get_tensor",
+    "is_lm_head",
     "is_metadata_reader",
     "is_transparent",
     "linear_maps",
@@ -362,6 +363,27 @@ def _layout(weight: tuple[torch.fx.Node, bool]) -> tuple[str, int, int]:
     if weight[1]:  # transposed (out, in) storage
         return "out_in", cols, rows
     return "in_out", rows, cols
+
+
+def is_lm_head(lin: LinearMap) -> bool:
+    """A map whose output is a graph output (through views) or whose weight an embedding reads."""
+    if any(u.target == aten.embedding.default for u in lin.weight.users):
+        return True
+    return any(user.op == "output" for user in _value_users(lin.output))
+
+
+def _value_users(node: torch.fx.Node) -> list[torch.fx.Node]:
+    found, stack, seen = [], list(node.users), set()
+    while stack:
+        user = stack.pop()
+        if user in seen or is_metadata_reader(user):
+            continue
+        seen.add(user)
+        if is_transparent(user):
+            stack.extend(user.users)
+        else:
+            found.append(user)
+    return found
 
 
 def linear_maps(gm: torch.fx.GraphModule) -> list[LinearMap]:

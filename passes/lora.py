@@ -1,0 +1,171 @@
+"""``lora``: inject LoRA adapters (Hu et al. 2021) into every targeted linear map of the graph.
+
+Each targeted map ``y = x W^T + b`` gains ``s B A x`` with ``A`` ``[r, in]``, ``B`` ``[out, r]``
+and ``s = alpha / r`` (``alpha / sqrt(r)`` with ``rslora``), as PEFT computes it, for every form
+the map takes in the graph (``nn.Linear``, GPT-2 ``Conv1D`` whose weight is stored ``(in, out)``,
+functional, a tied LM head). ``A`` and ``B`` become trainable parameters of the GraphModule, the
+base weights stay frozen: ``rewriter.train(gm, batches, steps=..., lr=...)`` (``params=None``
+trains exactly the adapters) fine-tunes them, ``merge-adapters`` folds them back.
+
+Targets, as PEFT users write them (``targets``): a regex (full match on the map's source module
+path, PEFT's string form); a comma-separated list of names, each matching a module exactly or as
+a dotted suffix (``c_attn,c_proj``); or ``all-linear`` (default), every linear map except the LM
+head (a map whose output is a graph output or that shares its weight with an embedding).
+
+Initializations (``init``), none touching the global RNG (a CPU generator seeded from the context
+seed and the map's index):
+
+* ``default``: ``A`` Kaiming-uniform as ``nn.Linear`` (bound ``1 / sqrt(in)``), ``B = 0``;
+* ``gaussian``: ``A ~ N(0, 1/r^2)`` (PEFT's std ``1/r``), ``B = 0``;
+* ``pissa`` (Meng et al. 2024): ``W = U S V^T`` (float64 SVD); ``A = sqrt(S_r / s) V_r^T``,
+  ``B = U_r sqrt(S_r / s)``, and the base weight is rewritten to ``W - s B A`` through the weight
+  store, so the model is unchanged at init while the adapter starts on the principal subspace.
+
+All three leave the model's function unchanged at initialization (exact pass). Adapter dropout is
+not offered: a traced graph is an inference graph (dropout baked off); ``dropout > 0`` is refused.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from typing import ClassVar, Literal
+
+import torch
+import torch.fx
+
+from rewriter.adapters import inject, own_weight
+from rewriter.context import PassContext
+from rewriter.driver import Rewriter
+from rewriter.errors import RewriterError
+from rewriter.graph import LinearMap, is_lm_head, linear_maps, module_path
+from rewriter.pipeline import Pass, PassResult, option
+from rewriter.store import Block, Edit
+
+__all__ = ["LoRAPass", "select_targets"]
+
+
+@dataclasses.dataclass(frozen=True)
+class LoRAPass(Pass):
+    """LoRA adapters on every targeted linear map (trainable A, B; base frozen)."""
+
+    name: ClassVar[str] = "lora"
+
+    targets: str = option(
+        "all-linear", "Regex (full match), comma list of names/suffixes, or 'all-linear'."
+    )
+    r: int = option(8, "Rank.")
+    alpha: float = option(8.0, "Scale numerator: s = alpha / r (alpha / sqrt(r) with rslora).")
+    rslora: bool = option(False, "Rank-stabilized scaling alpha / sqrt(r).")
+    init: Literal["default", "gaussian", "pissa"] = option("default", "How A and B start.")
+    dropout: float = option(0.0, "Adapter dropout (refused: traced graphs are inference graphs).")
+
+    def run(self, gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
+        if self.r < 1:
+            raise RewriterError(f"pass '{self.name}': r must be >= 1, got {self.r}")
+        if self.dropout:
+            raise RewriterError(
+                f"pass '{self.name}': dropout={self.dropout} is not supported: the traced graph "
+                "runs in eval mode, so a dropout node would act at inference too"
+            )
+        chosen = select_targets(gm, self.targets, self.name)
+        scale = self.alpha / (math.sqrt(self.r) if self.rslora else self.r)
+        rw = Rewriter(gm, pass_name=self.name)
+        counts = {"trainable": 0}
+        per_layer = {}
+        for index, lin in enumerate(chosen):
+            if self.init == "pissa":
+                lin = own_weight(rw, lin)  # the residual must not reach a tied embedding
+            a, b = self._factors(rw, lin, scale, ctx.seed + index)
+            inject(
+                rw, lin, method="lora", factors={"A": a, "B": b}, trainable={"A", "B"}, scale=scale
+            )
+            per_layer[_label(lin)] = a.numel() + b.numel()
+            counts["trainable"] += a.numel() + b.numel()
+        rw.finish(prune_weights=True)
+        metrics = {
+            "trainable_parameters": counts["trainable"],
+            "per_layer": per_layer,
+            "scale": scale,
+        }
+        note = (
+            f"{len(chosen)} adapters, rank {self.r}, {counts['trainable']:,} trainable parameters"
+        )
+        return PassResult(
+            gm, changed=True, stats={"lora": len(chosen)}, notes=[note], metrics=metrics
+        )
+
+    def _factors(
+        self, rw: Rewriter, lin: LinearMap, scale: float, seed: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        dtype = _adapter_dtype(rw, lin)
+        out_f, in_f, r = lin.out_features, lin.in_features, self.r
+        if r > min(out_f, in_f):
+            raise RewriterError(
+                f"pass '{self.name}': r={r} exceeds the size of {_label(lin)} ({out_f} x {in_f})"
+            )
+        generator = torch.Generator().manual_seed(seed)
+        if self.init == "pissa":
+            return _pissa(rw, lin, r, scale, dtype)
+        if self.init == "gaussian":
+            a = torch.randn(r, in_f, generator=generator, dtype=torch.float64) / r
+        else:
+            bound = 1.0 / math.sqrt(in_f)
+            a = (torch.rand(r, in_f, generator=generator, dtype=torch.float64) * 2 - 1) * bound
+        return a.to(dtype), torch.zeros(out_f, r, dtype=dtype)
+
+
+def _pissa(
+    rw: Rewriter, lin: LinearMap, r: int, scale: float, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Principal factors of W, and the base rewritten to the residual ``W - s B A``."""
+    weight = rw.store.read(lin.weight_name).to(torch.float64)
+    w = weight if lin.layout == "out_in" else weight.T
+    u, s, vh = torch.linalg.svd(w, full_matrices=False)
+    root = torch.sqrt(s[:r] / scale)
+    a = (root[:, None] * vh[:r]).to(dtype)
+    b = (u[:, :r] * root[None, :]).to(dtype)
+    principal = scale * (b.to(torch.float64) @ a.to(torch.float64))  # what the adapter adds
+    name = lin.weight_name
+
+    def residual(block: Block) -> torch.Tensor:
+        rows = block.rows(name)
+        part = principal if lin.layout == "out_in" else principal.T
+        return rows - part[block.start : block.stop]
+
+    rw.apply(Edit(name, (name,), residual, note="pissa residual"))
+    return a, b
+
+
+def _adapter_dtype(rw: Rewriter, lin: LinearMap) -> torch.dtype:
+    dtype = lin.weight.meta["val"].dtype
+    return dtype if dtype in (torch.float32, torch.float64) else torch.float32
+
+
+def _label(lin: LinearMap) -> str:
+    return module_path(lin.node) or lin.module
+
+
+def select_targets(gm: torch.fx.GraphModule, targets: str, pass_name: str) -> list[LinearMap]:
+    """The linear maps ``targets`` selects, PEFT's way (see the module docstring)."""
+    maps = linear_maps(gm)
+    if targets == "all-linear":
+        chosen = [lin for lin in maps if not is_lm_head(lin)]
+    elif "," in targets or re.fullmatch(r"[\w.]+", targets):
+        names = [t.strip() for t in targets.split(",") if t.strip()]
+        chosen = [
+            lin
+            for lin in maps
+            if any(_label(lin) == n or _label(lin).endswith("." + n) for n in names)
+        ]
+    else:
+        pattern = re.compile(targets)
+        chosen = [lin for lin in maps if pattern.fullmatch(_label(lin))]
+    if not chosen:
+        known = ", ".join(_label(lin) for lin in maps) or "none"
+        raise RewriterError(
+            f"pass '{pass_name}': targets={targets!r} selects no linear map (the graph's linear "
+            f"maps: {known})"
+        )
+    return chosen

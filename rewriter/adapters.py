@@ -1,0 +1,188 @@
+"""Low-rank adapters as graph structure: injection next to a linear map, records, exact merge.
+
+An adapter on a linear map ``y = x W^T + b`` adds a branch ``s * B R A x`` (``R`` present for the
+LoRA-XS family, the identity otherwise):
+
+    h = linear(x, A)        A: [r, in]
+    h = linear(h, R)        R: [r, r]        (optional)
+    d = linear(h, B)        B: [out, r]
+    y' = y + s * d
+
+so ``delta W = s B R A`` in ``(out, in)`` form whatever layout the base weight has (GPT-2's
+``Conv1D`` stores ``W^T``). Factors are graph tensors: trainable parameters, or frozen buffers (a
+NOLA basis, LoRA-XS singular vectors), or computed in the graph from them (NOLA's ``A = sum_i
+alpha_i A_i``). Every adapter is described by an :class:`AdapterRecord` in ``gm.meta``, which
+``merge-adapters``, the adapter checkpoint and the reports read; the graph stays plain ATen and
+exports like any other (the factors become initializers).
+
+Merging computes ``W + delta W`` in float64 row blocks through the weight store (one cast back),
+so merge is exact up to that single rounding.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import torch
+import torch.fx
+
+from rewriter.driver import Rewriter
+from rewriter.graph import LinearMap, as_linear, module_path, weight_name_for
+from rewriter.store import Block, Edit
+
+__all__ = [
+    "ADAPTERS_KEY",
+    "AdapterRecord",
+    "delta_weight",
+    "factor_values",
+    "inject",
+    "merge_edit",
+    "own_weight",
+    "records",
+]
+
+ADAPTERS_KEY = "rewriter.adapters"
+aten = torch.ops.aten
+
+
+@dataclasses.dataclass
+class AdapterRecord:
+    """One adapter: where it sits, how it is parametrized, and which graph tensors hold it."""
+
+    module: str
+    """Source module of the adapted linear map (``transformer.h.0.attn.c_attn``)."""
+    method: str
+    """``lora``, ``nola``, ``lora-xs``, ``lora-sb``."""
+    rank: int
+    scale: float
+    weight: str
+    """The base weight's tensor name."""
+    layout: str
+    """The base weight's layout: ``out_in`` or ``in_out``."""
+    tensors: dict[str, str]
+    """Role -> graph tensor name: ``A``, ``B``, ``R`` (factors used by the branch) and, for NOLA,
+    ``alpha``, ``beta``, ``A_basis``, ``B_basis``."""
+    trainable: list[str]
+    """Names of the tensors that train."""
+    output: str
+    """Name of the ``add`` node that adds the branch to the base output."""
+    extra: dict[str, Any] = dataclasses.field(default_factory=dict)
+    """Method data for the checkpoint (NOLA seeds, the SVD dtype, ...)."""
+
+
+def records(gm: torch.fx.GraphModule) -> list[AdapterRecord]:
+    """The adapters of ``gm`` (empty when it has none)."""
+    return list(getattr(gm, "meta", {}).get(ADAPTERS_KEY, []))
+
+
+def _set_records(gm: torch.fx.GraphModule, values: list[AdapterRecord]) -> None:
+    gm.meta[ADAPTERS_KEY] = list(values)
+
+
+def inject(
+    rw: Rewriter,
+    lin: LinearMap,
+    *,
+    method: str,
+    factors: dict[str, torch.Tensor],
+    trainable: set[str],
+    scale: float,
+    computed: dict[str, Any] | None = None,
+    extra: dict[str, Any] | None = None,
+) -> AdapterRecord:
+    """Add the branch ``s * B R A x`` to ``lin``'s output and record it.
+
+    ``factors`` holds the stored tensors by role (``A``, ``B``, optional ``R``, NOLA's bases and
+    coefficients); roles in ``trainable`` become trainable parameters. ``computed`` maps ``A`` /
+    ``B`` to a function ``(rw, nodes, before) -> node`` that builds the factor in the graph from
+    stored tensors (NOLA).
+    """
+    node = lin.node
+    module = module_path(node) or lin.module
+    nodes: dict[str, torch.fx.Node] = {}
+    names: dict[str, str] = {}
+    for role, tensor in factors.items():
+        stored = rw.add_weight(
+            weight_name_for(node, f"{method.replace('-', '_')}_{role}"),
+            tensor,
+            trainable=role in trainable,
+            rule="adapter",
+        )
+        nodes[role] = stored
+        names[role] = str(stored.target)
+    for role, build in (computed or {}).items():
+        nodes[role] = build(rw, nodes, lin.output)
+    before = lin.output
+    h = rw.call(aten.linear.default, (lin.input, nodes["A"]), before=before, rule="adapter")
+    if "R" in nodes:
+        h = rw.call(aten.linear.default, (h, nodes["R"]), before=before, rule="adapter")
+    d = rw.call(aten.linear.default, (h, nodes["B"]), before=before, rule="adapter")
+    d = rw.call(aten.mul.Tensor, (d, float(scale)), before=before, rule="adapter")
+    users = [u for u in lin.output.users]
+    total = rw.call(aten.add.Tensor, (lin.output, d), before=before, rule="adapter")
+    # The sum goes after the base output; move it there and rewire the base output's users.
+    lin.output.append(total)
+    for user in users:
+        user.replace_input_with(lin.output, total)
+    record = AdapterRecord(
+        module=module,
+        method=method,
+        rank=int(factors["A"].shape[0]) if "A" in factors else int(extra.get("rank", 0)),
+        scale=float(scale),
+        weight=lin.weight_name,
+        layout=lin.layout,
+        tensors=names,
+        trainable=[names[r] for r in sorted(trainable)],
+        output=total.name,
+        extra=dict(extra or {}),
+    )
+    _set_records(rw.gm, [*records(rw.gm), record])
+    return record
+
+
+def own_weight(rw: Rewriter, lin: LinearMap) -> LinearMap:
+    """``lin`` with a weight of its own: a weight shared with other readers (a tied LM head and
+    its embedding) is untied first, the others keep the original tensor."""
+    others = [u for u in lin.weight.users if u is not lin.node and lin.node not in u.users]
+    if not others:
+        return lin
+    mine = [u for u in lin.weight.users if u not in others]
+    rw.untie(lin.weight, mine, name_hint=weight_name_for(lin.node, "weight"))
+    relinked = as_linear(lin.node)
+    assert relinked is not None
+    return relinked
+
+
+def factor_values(gm: torch.fx.GraphModule, record: AdapterRecord) -> dict[str, torch.Tensor]:
+    """The float64 factors ``A``, ``B`` (and ``R``) of an adapter, computed ones included."""
+    from rewriter.store import weights
+
+    store = weights(gm)
+    read = {role: store.read(name).to(torch.float64) for role, name in record.tensors.items()}
+    if record.method == "nola":
+        read["A"] = torch.einsum("k,kri->ri", read["alpha"], read["A_basis"])
+        read["B"] = torch.einsum("k,kor->or", read["beta"], read["B_basis"])
+    return read
+
+
+def delta_weight(gm: torch.fx.GraphModule, record: AdapterRecord) -> torch.Tensor:
+    """``delta W = s B R A`` in float64, ``(out, in)``."""
+    f = factor_values(gm, record)
+    inner = f["R"] @ f["A"] if "R" in f else f["A"]
+    return record.scale * (f["B"] @ inner)
+
+
+def merge_edit(gm: torch.fx.GraphModule, record: AdapterRecord, weight: str) -> Edit:
+    """The store edit ``W <- W + delta W`` in the weight's own layout, by row blocks."""
+    f = factor_values(gm, record)
+    left = record.scale * f["B"]  # [out, r]
+    right = f["R"] @ f["A"] if "R" in f else f["A"]  # [r, in]
+
+    def compute(block: Block) -> torch.Tensor:
+        rows = block.rows(weight)
+        if record.layout == "out_in":
+            return rows + left[block.start : block.stop] @ right
+        return rows + right[:, block.start : block.stop].T @ left.T
+
+    return Edit(weight, (weight,), compute, note=f"merge {record.method} adapter")
