@@ -29,6 +29,9 @@ BUILTIN: dict[str, str] = {
     "l1quant": "rewriter.passes.l1quant:L1QuantPass",
     "linearize": "rewriter.passes.linearize:LinearizePass",
     "lora": "rewriter.passes.lora:LoRAPass",
+    "nola": "rewriter.passes.nola:NOLAPass",
+    "lora-xs": "rewriter.passes.lora_xs:LoRAXSPass",
+    "lora-sb": "rewriter.passes.lora_sb:LoRASBPass",
     "merge-adapters": "rewriter.passes.merge_adapters:MergeAdaptersPass",
 }
 

@@ -51,6 +51,50 @@ def test_injection_is_a_no_op_at_init_and_merge_is_exact(spec: ModelSpec, init: 
     verify.assert_equivalent(injected, merged, max_examples=3)
 
 
+METHODS = [
+    "lora(r=2,init=gaussian)",
+    "nola(k=8,l=8,r=2)",
+    "lora-xs(r=2,init=zeros)",
+    "lora-sb(r=2,samples=2)",
+]
+
+
+@settings(max_examples=4, deadline=None)
+@given(
+    spec=verify.model_specs(["gpt2", "llama"], dtype=torch.float64), method=st.sampled_from(METHODS)
+)
+def test_every_method_merges_exactly(spec: ModelSpec, method: str) -> None:
+    model = spec.build()
+    gm = rewriter.trace(model, spec.example_inputs(), dynamic_shapes="auto")
+    ctx = rewriter.PassContext(
+        calibration=torch.randint(0, spec.vocab, (4, 8)), progress=False, batch_size=2
+    )
+    injected = rewriter.Pipeline.parse(method).run(gm, ctx).graph_module
+    if not method.startswith("lora-sb"):  # LoRA-SB starts from an update by design
+        verify.assert_equivalent(model, injected, max_examples=2)
+    _randomize(injected, size=0.3)
+    merged = rewriter.Pipeline.parse("merge-adapters").run(injected).graph_module
+    assert not records(merged)
+    verify.assert_equivalent(injected, merged, max_examples=2)
+
+
+def test_nola_bases_are_seeded_and_stored_as_frozen_tensors() -> None:
+    from rewriter.passes.nola import nola_bases
+
+    spec = ModelSpec("gpt2", layers=1, vocab=100)
+    gm = rewriter.trace(spec.build(), spec.example_inputs(), dynamic_shapes="auto")
+    state = torch.random.get_rng_state()
+    out = rewriter.Pipeline.parse("nola(k=4,l=3,r=2,seed=7)").run(gm).graph_module
+    assert torch.equal(torch.random.get_rng_state(), state)  # the global RNG is untouched
+    first = records(out)[0]
+    a_basis, _ = nola_bases(7, 0, 4, 3, 2, 16, 48)
+    torch.testing.assert_close(out.state_dict()[first.tensors["A_basis"]], a_basis)
+    assert first.extra["seed"] == 7 and first.trainable == sorted(
+        [first.tensors["alpha"], first.tensors["beta"]]
+    )
+    assert sum(p.numel() for p in out.parameters() if p.requires_grad) == 4 * (4 + 3)
+
+
 def test_targets_follow_peft_rules_and_errors_name_the_maps() -> None:
     spec = ModelSpec("gpt2", layers=2, vocab=100)
     gm = rewriter.trace(spec.build(), spec.example_inputs(), dynamic_shapes="auto")
