@@ -26,33 +26,16 @@ import torch
 import torch.fx
 from rewriter.passes.lora import select_targets
 
-from rewriter.adapters import inject
+from rewriter.adapters import inject, nola_bases, nola_computed
 from rewriter.context import PassContext
 from rewriter.driver import Rewriter
 from rewriter.errors import RewriterError
 from rewriter.graph import module_path
 from rewriter.pipeline import Pass, PassResult, option
 
-__all__ = ["NOLAPass", "nola_bases"]
+__all__ = ["NOLAPass"]
 
 aten = torch.ops.aten
-
-
-def nola_bases(
-    seed: int,
-    index: int,
-    k: int,
-    l: int,  # noqa: E741 - the paper's name
-    r: int,
-    in_features: int,
-    out_features: int,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The frozen bases of map ``index``: ``[k, r, in]`` and ``[l, out, r]``, float32."""
-    ga = torch.Generator().manual_seed(seed + 2 * index)
-    gb = torch.Generator().manual_seed(seed + 2 * index + 1)
-    a = (torch.rand(k, r, in_features, generator=ga) * 2 - 1) * math.sqrt(3.0 / in_features)
-    b = (torch.rand(l, out_features, r, generator=gb) * 2 - 1) / math.sqrt(r)
-    return a, b
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,10 +79,7 @@ class NOLAPass(Pass):
                 factors=factors,
                 trainable={"alpha", "beta"},
                 scale=scale,
-                computed={
-                    "A": _combine("k,kri->ri", "alpha", "A_basis"),
-                    "B": _combine("k,kor->or", "beta", "B_basis"),
-                },
+                computed=nola_computed(),
                 extra={"seed": self.seed, "index": index, "k": self.k, "l": self.l, "rank": self.r},
             )
             per_layer[module_path(lin.node) or lin.module] = self.k + self.l
@@ -110,15 +90,3 @@ class NOLAPass(Pass):
         return PassResult(
             gm, changed=True, stats={"nola": len(chosen)}, notes=[note], metrics=metrics
         )
-
-
-def _combine(equation: str, coefficients: str, basis: str):
-    def build(rw: Rewriter, nodes: dict, before: torch.fx.Node) -> torch.fx.Node:
-        return rw.call(
-            aten.einsum.default,
-            (equation, [nodes[coefficients], nodes[basis]]),
-            before=before,
-            rule="adapter",
-        )
-
-    return build

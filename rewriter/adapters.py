@@ -22,6 +22,7 @@ so merge is exact up to that single rounding.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any
 
 import torch
@@ -37,9 +38,13 @@ __all__ = [
     "delta_weight",
     "factor_values",
     "inject",
+    "load",
     "merge_edit",
+    "nola_bases",
+    "nola_computed",
     "own_weight",
     "records",
+    "save",
 ]
 
 ADAPTERS_KEY = "rewriter.adapters"
@@ -141,6 +146,43 @@ def inject(
     return record
 
 
+def nola_bases(
+    seed: int,
+    index: int,
+    k: int,
+    l: int,  # noqa: E741 - the paper's name
+    r: int,
+    in_features: int,
+    out_features: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The frozen bases of map ``index``: ``[k, r, in]`` and ``[l, out, r]``, float32."""
+    ga = torch.Generator().manual_seed(seed + 2 * index)
+    gb = torch.Generator().manual_seed(seed + 2 * index + 1)
+    a = (torch.rand(k, r, in_features, generator=ga) * 2 - 1) * math.sqrt(3.0 / in_features)
+    b = (torch.rand(l, out_features, r, generator=gb) * 2 - 1) / math.sqrt(r)
+    return a, b
+
+
+def nola_computed() -> dict[str, Any]:
+    """Graph builders of NOLA's factors from their coefficients and bases (``einsum``)."""
+    return {
+        "A": _combine("k,kri->ri", "alpha", "A_basis"),
+        "B": _combine("k,kor->or", "beta", "B_basis"),
+    }
+
+
+def _combine(equation: str, coefficients: str, basis: str):
+    def build(rw: Rewriter, nodes: dict, before: torch.fx.Node) -> torch.fx.Node:
+        return rw.call(
+            aten.einsum.default,
+            (equation, [nodes[coefficients], nodes[basis]]),
+            before=before,
+            rule="adapter",
+        )
+
+    return build
+
+
 def own_weight(rw: Rewriter, lin: LinearMap) -> LinearMap:
     """``lin`` with a weight of its own: a weight shared with other readers (a tied LM head and
     its embedding) is untied first, the others keep the original tensor."""
@@ -186,3 +228,114 @@ def merge_edit(gm: torch.fx.GraphModule, record: AdapterRecord, weight: str) -> 
         return rows + right[:, block.start : block.stop].T @ left.T
 
     return Edit(weight, (weight,), compute, note=f"merge {record.method} adapter")
+
+
+# --- adapter checkpoints -------------------------------------------------------------------------
+
+CHECKPOINT_FORMAT = "rewriter-adapters/1"
+
+
+def save(gm: torch.fx.GraphModule, path: str) -> None:
+    """Write ``gm``'s adapters alone to a safetensors file.
+
+    Trained tensors are stored, and the frozen factors that cannot be recomputed from the base
+    model (LoRA-XS / LoRA-SB singular vectors); NOLA's bases are not stored: its seeds and
+    coefficients regenerate them. The records travel in the file's metadata.
+    """
+    import json
+
+    from safetensors.torch import save_file
+
+    from rewriter.store import weights
+
+    store = weights(gm)
+    tensors: dict[str, torch.Tensor] = {}
+    entries = []
+    for i, record in enumerate(records(gm)):
+        roles = [r for r in record.tensors if not r.endswith("_basis")]
+        for role in roles:
+            tensors[f"{i}.{role}"] = store.read(record.tensors[role]).detach().contiguous()
+        entry = dataclasses.asdict(record)
+        entry["stored_roles"] = roles
+        entries.append(entry)
+    if not entries:
+        raise ValueError("the graph has no adapters to save")
+    save_file(
+        tensors, path, metadata={"format": CHECKPOINT_FORMAT, "adapters": json.dumps(entries)}
+    )
+
+
+def load(gm: torch.fx.GraphModule, path: str) -> torch.fx.GraphModule:
+    """A copy of ``gm`` (a fresh trace of the same model) with the saved adapters injected.
+
+    Each adapter is matched to its linear map by source module and checked against the map's
+    shape; a missing map or a shape mismatch is an error naming it (never a silent zero).
+    """
+    import json
+
+    from safetensors import safe_open
+
+    from rewriter.graph import copy_graph_module, linear_maps
+
+    with safe_open(path, framework="pt") as handle:
+        metadata = handle.metadata() or {}
+        if metadata.get("format") != CHECKPOINT_FORMAT:
+            raise ValueError(f"{path} is not a rewriter adapter checkpoint")
+        tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+    entries = json.loads(metadata["adapters"])
+    out = copy_graph_module(gm)
+    rw = Rewriter(out, pass_name="load-adapters")
+    maps = {(module_path(lin.node) or lin.module): lin for lin in linear_maps(out)}
+    for i, entry in enumerate(entries):
+        lin = maps.get(entry["module"])
+        if lin is None:
+            raise ValueError(
+                f"adapter {i} ({entry['method']}) is for '{entry['module']}', which this graph "
+                f"does not have (its linear maps: {', '.join(maps)})"
+            )
+        factors = {role: tensors[f"{i}.{role}"] for role in entry["stored_roles"]}
+        computed = None
+        if entry["method"] == "nola":
+            extra = entry["extra"]
+            a_basis, b_basis = nola_bases(
+                extra["seed"],
+                extra["index"],
+                extra["k"],
+                extra["l"],
+                extra["rank"],
+                lin.in_features,
+                lin.out_features,
+            )
+            dtype = factors["alpha"].dtype
+            factors |= {"A_basis": a_basis.to(dtype), "B_basis": b_basis.to(dtype)}
+            computed = nola_computed()
+        _check_shapes(entry, factors, lin)
+        trainable = {
+            role for role, name in entry["tensors"].items() if name in set(entry["trainable"])
+        }
+        inject(
+            rw,
+            lin,
+            method=entry["method"],
+            factors=factors,
+            trainable=trainable,
+            scale=entry["scale"],
+            computed=computed,
+            extra=entry["extra"],
+        )
+        maps = {(module_path(m.node) or m.module): m for m in linear_maps(out)}
+    rw.finish(prune_weights=False)
+    return out
+
+
+def _check_shapes(entry: dict[str, Any], factors: dict[str, torch.Tensor], lin: LinearMap) -> None:
+    expected = {"A": (None, lin.in_features), "B": (lin.out_features, None)}
+    for role, (rows, cols) in expected.items():
+        if role not in factors:
+            continue
+        shape = tuple(factors[role].shape)
+        if (rows is not None and shape[0] != rows) or (cols is not None and shape[1] != cols):
+            raise ValueError(
+                f"adapter factor {role} {shape} for '{entry['module']}' does not fit its map "
+                f"({lin.out_features} x {lin.in_features})"
+            )

@@ -79,7 +79,7 @@ def test_every_method_merges_exactly(spec: ModelSpec, method: str) -> None:
 
 
 def test_nola_bases_are_seeded_and_stored_as_frozen_tensors() -> None:
-    from rewriter.passes.nola import nola_bases
+    from rewriter.adapters import nola_bases
 
     spec = ModelSpec("gpt2", layers=1, vocab=100)
     gm = rewriter.trace(spec.build(), spec.example_inputs(), dynamic_shapes="auto")
@@ -190,3 +190,27 @@ def test_a_few_steps_reduce_the_loss_on_the_embedded_model() -> None:
     torch.testing.assert_close(
         frozen["transformer.h.0.attn.c_attn.weight"], model.transformer.h[0].attn.c_attn.weight
     )
+
+
+@pytest.mark.parametrize("method", ["lora(r=2)", "nola(k=6,l=5,r=2,seed=3)", "lora-xs(r=2)"])
+def test_adapter_checkpoint_applies_to_a_fresh_trace(method: str, tmp_path) -> None:
+    from rewriter import adapters
+
+    spec = ModelSpec("gpt2", layers=1, vocab=100)
+    model = spec.build()
+    gm = rewriter.trace(model, spec.example_inputs(), dynamic_shapes="auto")
+    injected = rewriter.Pipeline.parse(method).run(gm).graph_module
+    _randomize(injected, size=0.3)
+    adapters.save(injected, str(tmp_path / "adapters.safetensors"))
+    fresh = rewriter.trace(model, spec.example_inputs(), dynamic_shapes="auto")
+    loaded = adapters.load(fresh, str(tmp_path / "adapters.safetensors"))
+    verify.assert_equivalent(injected, loaded, max_examples=2)
+    if method.startswith("nola"):  # the file holds seeds and coefficients, not the bases
+        from safetensors import safe_open
+
+        with safe_open(str(tmp_path / "adapters.safetensors"), framework="pt") as handle:
+            assert sorted({k.split(".")[1] for k in handle.keys()}) == ["alpha", "beta"]
+    other = ModelSpec("llama", layers=1, vocab=100)
+    wrong = rewriter.trace(other.build(), other.example_inputs(), dynamic_shapes="auto")
+    with pytest.raises(ValueError, match=r"transformer\.h\.0\.attn\.c_attn.*does not have"):
+        adapters.load(wrong, str(tmp_path / "adapters.safetensors"))
