@@ -19,7 +19,7 @@ the only core module that reaches up into ``rewriter.passes``.
 
 from __future__ import annotations
 
-from rewriter import ops, verify
+from rewriter import adapters, ops, verify
 from rewriter.context import PassContext
 from rewriter.errors import (
     LoweringError,
@@ -83,6 +83,7 @@ __all__ = [
     "available_passes",
     "format_graph",
     "load",
+    "adapters",
     "ops",
     "option",
     "register_pass",

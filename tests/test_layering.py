@@ -62,4 +62,4 @@ def test_every_package_folder_is_installed() -> None:
             name = ".".join((package, *relative))
             if "data" in relative:
                 continue
-            assert name in listed, f"{init.parent} is a package but pyproject does not install {name}"
+            assert name in listed, f"{init.parent} is a package; pyproject does not install {name}"
