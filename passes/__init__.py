@@ -33,6 +33,7 @@ BUILTIN: dict[str, str] = {
     "lora-xs": "rewriter.passes.lora_xs:LoRAXSPass",
     "lora-sb": "rewriter.passes.lora_sb:LoRASBPass",
     "merge-adapters": "rewriter.passes.merge_adapters:MergeAdaptersPass",
+    "unmerge-adapters": "rewriter.passes.merge_adapters:UnmergeAdaptersPass",
 }
 
 _USER: dict[str, type] = {}

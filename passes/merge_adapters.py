@@ -6,9 +6,10 @@ branch ``y + s B R A x`` is replaced by the base output; the factors leave the g
 tolerance rule (the only rounding is the final cast). An adapter on a weight that other readers
 share (a tied LM head and its embedding) unties it first, so the embedding keeps the original.
 
-``keep_base=true`` keeps each original weight as a buffer ``<weight>.base`` so that
-``unmerge-adapters`` can restore it bit for bit; without it unmerging is refused: subtracting
-``s B R A`` again would not give back the original bits in float32 or lower.
+``keep_base=true`` keeps each original weight and the adapter's factors (in the graph's
+metadata, for this session: they are not written by ``rewriter.save``) so that
+``unmerge-adapters`` restores both bit for bit; without it unmerging is refused with the reason:
+subtracting ``s B R A`` again would not give back the original bits in float32 or lower.
 """
 
 from __future__ import annotations
@@ -19,13 +20,22 @@ from typing import ClassVar
 import torch
 import torch.fx
 
-from rewriter.adapters import ADAPTERS_KEY, merge_edit, own_weight, records
+from rewriter.adapters import (
+    ADAPTERS_KEY,
+    AdapterRecord,
+    inject,
+    merge_edit,
+    nola_computed,
+    own_weight,
+    records,
+)
 from rewriter.context import PassContext
 from rewriter.driver import Rewriter
-from rewriter.graph import as_linear
+from rewriter.errors import RewriterError
+from rewriter.graph import as_linear, linear_maps
 from rewriter.pipeline import Pass, PassResult, option
 
-__all__ = ["MergeAdaptersPass"]
+__all__ = ["MergeAdaptersPass", "MergedAdapter", "UnmergeAdaptersPass"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,7 +52,7 @@ class MergeAdaptersPass(Pass):
             return PassResult(gm, changed=False, notes=["no adapters to merge"])
         rw = Rewriter(gm, pass_name=self.name)
         by_name = {n.name: n for n in gm.graph.nodes}
-        kept = {}
+        kept = []
         for record in found:
             total = by_name[record.output]
             base_output = total.args[0]
@@ -55,17 +65,85 @@ class MergeAdaptersPass(Pass):
             else:
                 weight = record.weight
             if self.keep_base:
-                kept[weight] = rw.store.read(weight).detach().clone()
+                factors = {
+                    role: rw.store.read(name).detach().clone()
+                    for role, name in record.tensors.items()
+                }
+                original = rw.store.read(weight).detach().clone()
+                kept.append(MergedAdapter(record, weight, original, factors))
             rw.apply(merge_edit(gm, record, weight))
             rw.replace(total, base_output, rule="merge-adapter")
-        for weight, original in kept.items():
-            rw.add_weight(f"{weight}.base", original, rule="keep-base")
         rw.finish(prune_weights=True)
         gm.meta[ADAPTERS_KEY] = []
-        if self.keep_base:
-            gm.meta["rewriter.merged_adapters"] = found
+        gm.meta[MERGED_KEY] = [*gm.meta.get(MERGED_KEY, []), *kept]
         stats = {"merge-adapter": len(found)}
         return PassResult(gm, changed=True, stats=stats, notes=[f"{len(found)} adapters merged"])
+
+
+MERGED_KEY = "rewriter.merged_adapters"
+
+
+@dataclasses.dataclass
+class MergedAdapter:
+    """What ``keep_base`` keeps of a merged adapter: its record, the weight it went into, that
+    weight's original values and the factors, so unmerging restores both bit for bit."""
+
+    record: AdapterRecord
+    weight: str
+    original: torch.Tensor
+    factors: dict[str, torch.Tensor]
+
+
+@dataclasses.dataclass(frozen=True)
+class UnmergeAdaptersPass(Pass):
+    """Undo merge-adapters(keep_base=true) exactly: original weights back, adapter branches back."""
+
+    name: ClassVar[str] = "unmerge-adapters"
+
+    def run(self, gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
+        merged: list[MergedAdapter] = list(getattr(gm, "meta", {}).get(MERGED_KEY, []))
+        if not merged:
+            raise RewriterError(
+                f"pass '{self.name}': nothing to unmerge exactly: the adapters were merged "
+                "without keep_base=true (subtracting s B A again would not restore the original "
+                "bits in float32 or lower), or there were none"
+            )
+        rw = Rewriter(gm, pass_name=self.name)
+        for item in reversed(merged):
+            rw.store.write(item.weight, item.original.clone(), note="unmerge: original weight")
+        maps = {lin.weight_name: lin for lin in linear_maps(gm)}
+        restored = []
+        for item in merged:
+            lin = maps.get(item.weight)
+            if lin is None:
+                raise RewriterError(
+                    f"pass '{self.name}': the weight '{item.weight}' of the {item.record.method} "
+                    f"adapter on '{item.record.module}' is no longer read by a linear map"
+                )
+            record = item.record
+            roles = {r for r, n in record.tensors.items() if n in set(record.trainable)}
+            computed = nola_computed() if record.method == "nola" else None
+            restored.append(
+                inject(
+                    rw,
+                    lin,
+                    method=record.method,
+                    factors=item.factors,
+                    trainable=roles,
+                    scale=record.scale,
+                    computed=computed,
+                    extra=record.extra,
+                )
+            )
+            maps = {m.weight_name: m for m in linear_maps(gm)}
+        rw.finish(prune_weights=False)
+        gm.meta[MERGED_KEY] = []
+        return PassResult(
+            gm,
+            changed=True,
+            stats={"unmerge-adapter": len(merged)},
+            notes=[f"{len(merged)} adapters unmerged"],
+        )
 
 
 def _linear_of(node: torch.fx.Node) -> object:

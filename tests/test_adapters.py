@@ -214,3 +214,74 @@ def test_adapter_checkpoint_applies_to_a_fresh_trace(method: str, tmp_path) -> N
     wrong = rewriter.trace(other.build(), other.example_inputs(), dynamic_shapes="auto")
     with pytest.raises(ValueError, match=r"transformer\.h\.0\.attn\.c_attn.*does not have"):
         adapters.load(wrong, str(tmp_path / "adapters.safetensors"))
+
+
+@pytest.mark.parametrize(
+    ("family", "targets"), [("gpt2", "c_attn,c_fc"), ("llama", "q_proj,v_proj,down_proj")]
+)
+def test_merged_lora_equals_peft_merge_and_unload(family: str, targets: str) -> None:
+    peft = pytest.importorskip("peft", reason="PEFT is not installed (dev extra)")
+    spec = ModelSpec(family, layers=2, vocab=100)
+    model = spec.build()
+    gm = rewriter.trace(model, spec.example_inputs(), dynamic_shapes="auto")
+    injected = (
+        rewriter.Pipeline.parse(f"lora(targets='{targets}',r=4,alpha=8)").run(gm).graph_module
+    )
+    config = peft.LoraConfig(
+        r=4,
+        lora_alpha=8,
+        target_modules=targets.split(","),
+        init_lora_weights=False,
+        fan_in_fan_out=family == "gpt2",
+    )
+    reference = peft.get_peft_model(spec.build(), config)
+    layers = {
+        name.removeprefix("base_model.model."): module
+        for name, module in reference.named_modules()
+        if hasattr(module, "lora_A") and "default" in getattr(module, "lora_A", {})
+    }
+    for record in records(injected):  # the same (random, non-zero) factors on both sides
+        layer = layers[record.module]
+        with torch.no_grad():
+            injected.get_parameter(record.tensors["A"]).copy_(layer.lora_A["default"].weight)
+            injected.get_parameter(record.tensors["B"]).copy_(layer.lora_B["default"].weight)
+    merged = rewriter.Pipeline.parse("merge-adapters").run(injected).graph_module
+    theirs = reference.merge_and_unload().state_dict()
+    ours = merged.state_dict()
+    assert len(records(injected)) == len(layers) > 0
+    for record in records(injected):
+        torch.testing.assert_close(
+            ours[record.weight], theirs[record.module + ".weight"], rtol=1e-6, atol=1e-7
+        )
+
+
+def test_merged_model_saves_as_a_hugging_face_directory(tmp_path) -> None:
+    import transformers
+
+    spec = ModelSpec("llama", layers=1, vocab=100)
+    gm = rewriter.trace(spec.build(), spec.example_inputs(), dynamic_shapes="auto")
+    injected = rewriter.Pipeline.parse("lora(r=2)").run(gm).graph_module
+    _randomize(injected, size=0.3)
+    merged = rewriter.Pipeline.parse("merge-adapters").run(injected).graph_module
+    report = rewriter.save_pretrained(merged, tmp_path / "merged")
+    assert report.ok
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
+    ids = torch.randint(0, 100, (2, 6))
+    verify.assert_equivalent(merged, reloaded, (ids,), max_examples=2)
+
+
+def test_unmerge_is_exact_with_keep_base_and_refused_without() -> None:
+    spec = ModelSpec("opt", layers=1, vocab=100)
+    gm = rewriter.trace(spec.build(), spec.example_inputs(), dynamic_shapes="auto")
+    injected = rewriter.Pipeline.parse("nola(k=4,l=4,r=2)").run(gm).graph_module
+    _randomize(injected, size=0.3)
+    kept = rewriter.Pipeline.parse("merge-adapters(keep_base=true)").run(injected).graph_module
+    back = rewriter.Pipeline.parse("unmerge-adapters").run(kept).graph_module
+    assert len(records(back)) == len(records(injected))
+    ids = torch.randint(0, 100, (2, 7))
+    assert torch.equal(verify.outputs(back(ids))[0], verify.outputs(injected(ids))[0])
+    for record in records(injected):  # the base weights are the original bits
+        assert torch.equal(back.state_dict()[record.weight], injected.state_dict()[record.weight])
+    plain = rewriter.Pipeline.parse("merge-adapters").run(injected).graph_module
+    with pytest.raises(PassError, match="without keep_base=true"):
+        rewriter.Pipeline.parse("unmerge-adapters").run(plain)
