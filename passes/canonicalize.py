@@ -153,6 +153,11 @@ def bias_fits_norm(match: Match) -> bool:
     return len(norm.users) == 1 and _is_vector_of(_norm_width(x), match["b"], _val(x).dtype)
 
 
+def not_train_dropout(match: Match) -> bool:
+    """An adapter's dropout is off in the graph but switched on by ``rewriter.train``: keep it."""
+    return not match.root.meta.get("rewriter.train_dropout")
+
+
 def casts_round_trip(match: Match) -> bool:
     """``to(rms_norm(to(y, f32)), y.dtype)`` with y half precision: rms_norm upcasts itself."""
     y, norm, outer = _val(match["y"]), match["norm"], match.root
@@ -185,7 +190,7 @@ def _one(value: Any) -> bool:
 
 # fmt: off
 RULES_NOOPS = RuleSet([
-    rule(P.call(aten.dropout.default, x, P.const(), False), lambda x: x, name="drop-eval-dropout"),  # dropout(x, p, train=False) -> x  # noqa: E501
+    rule(P.call(aten.dropout.default, x, P.const(), False), lambda x: x, name="drop-eval-dropout", where=not_train_dropout),  # dropout(x, p, train=False) -> x  # noqa: E501
     rule(P.call(aten.dropout.default, x, P.const(where=_zero), P.var("train")), lambda x: x, name="drop-zero-dropout"),  # dropout(x, 0, train) -> x  # noqa: E501
     rule(P.call(aten.alias.default, x), lambda x: x, name="drop-alias"),  # alias(x) -> x
     rule(P.call(aten.clone.default, x), lambda x: x, name="drop-clone"),  # clone(x) -> x (graphs are functional)  # noqa: E501

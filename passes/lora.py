@@ -21,8 +21,10 @@ seed and the map's index):
   ``B = U_r sqrt(S_r / s)``, and the base weight is rewritten to ``W - s B A`` through the weight
   store, so the model is unchanged at init while the adapter starts on the principal subspace.
 
-All three leave the model's function unchanged at initialization (exact pass). Adapter dropout is
-not offered: a traced graph is an inference graph (dropout baked off); ``dropout > 0`` is refused.
+All three leave the model's function unchanged at initialization (exact pass). ``dropout``
+(PEFT's ``lora_dropout``) puts a dropout on the adapter's input that is off in the graph (so
+inference, merging and export are unaffected) and that :func:`rewriter.train` switches on while
+it trains.
 """
 
 from __future__ import annotations
@@ -59,15 +61,14 @@ class LoRAPass(Pass):
     alpha: float = option(8.0, "Scale numerator: s = alpha / r (alpha / sqrt(r) with rslora).")
     rslora: bool = option(False, "Rank-stabilized scaling alpha / sqrt(r).")
     init: Literal["default", "gaussian", "pissa"] = option("default", "How A and B start.")
-    dropout: float = option(0.0, "Adapter dropout (refused: traced graphs are inference graphs).")
+    dropout: float = option(0.0, "Dropout on the adapter input, active only in rewriter.train.")
 
     def run(self, gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
         if self.r < 1:
             raise RewriterError(f"pass '{self.name}': r must be >= 1, got {self.r}")
-        if self.dropout:
+        if not 0.0 <= self.dropout < 1.0:
             raise RewriterError(
-                f"pass '{self.name}': dropout={self.dropout} is not supported: the traced graph "
-                "runs in eval mode, so a dropout node would act at inference too"
+                f"pass '{self.name}': dropout must be in [0, 1), got {self.dropout}"
             )
         chosen = select_targets(gm, self.targets, self.name)
         scale = self.alpha / (math.sqrt(self.r) if self.rslora else self.r)
@@ -79,13 +80,20 @@ class LoRAPass(Pass):
                 lin = own_weight(rw, lin)  # the residual must not reach a tied embedding
             a, b = self._factors(rw, lin, scale, ctx.seed + index)
             inject(
-                rw, lin, method="lora", factors={"A": a, "B": b}, trainable={"A", "B"}, scale=scale
+                rw,
+                lin,
+                method="lora",
+                factors={"A": a, "B": b},
+                trainable={"A", "B"},
+                scale=scale,
+                dropout=self.dropout,
             )
             per_layer[_label(lin)] = a.numel() + b.numel()
             counts["trainable"] += a.numel() + b.numel()
         rw.finish(prune_weights=True)
         metrics = {
             "trainable_parameters": counts["trainable"],
+            "peft_lora_parameters": sum(self.r * (m.in_features + m.out_features) for m in chosen),
             "per_layer": per_layer,
             "scale": scale,
         }

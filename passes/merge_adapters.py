@@ -22,6 +22,7 @@ import torch.fx
 
 from rewriter.adapters import (
     ADAPTERS_KEY,
+    TRAIN_DROPOUT_KEY,
     AdapterRecord,
     inject,
     merge_edit,
@@ -73,6 +74,9 @@ class MergeAdaptersPass(Pass):
                 kept.append(MergedAdapter(record, weight, original, factors))
             rw.apply(merge_edit(gm, record, weight))
             rw.replace(total, base_output, rule="merge-adapter")
+        for node in list(gm.graph.nodes):  # adapter dropouts count as impure: erase them by hand
+            if node.meta.get(TRAIN_DROPOUT_KEY) and not node.users and rw.is_alive(node):
+                rw.erase(node)
         rw.finish(prune_weights=True)
         gm.meta[ADAPTERS_KEY] = []
         gm.meta[MERGED_KEY] = [*gm.meta.get(MERGED_KEY, []), *kept]

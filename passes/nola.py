@@ -86,7 +86,12 @@ class NOLAPass(Pass):
         rw.finish(prune_weights=True)
         total = sum(per_layer.values())
         note = f"{len(chosen)} adapters, k={self.k}, l={self.l}, {total:,} trainable parameters"
-        metrics = {"trainable_parameters": total, "per_layer": per_layer, "scale": scale}
+        metrics = {
+            "trainable_parameters": total,
+            "peft_lora_parameters": sum(self.r * (m.in_features + m.out_features) for m in chosen),
+            "per_layer": per_layer,
+            "scale": scale,
+        }
         return PassResult(
             gm, changed=True, stats={"nola": len(chosen)}, notes=[note], metrics=metrics
         )

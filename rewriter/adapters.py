@@ -34,6 +34,7 @@ from rewriter.store import Block, Edit
 
 __all__ = [
     "ADAPTERS_KEY",
+    "TRAIN_DROPOUT_KEY",
     "AdapterRecord",
     "delta_weight",
     "factor_values",
@@ -48,6 +49,8 @@ __all__ = [
 ]
 
 ADAPTERS_KEY = "rewriter.adapters"
+TRAIN_DROPOUT_KEY = "rewriter.train_dropout"
+"""Node meta flag: a dropout that :func:`rewriter.train` turns on while training."""
 aten = torch.ops.aten
 
 
@@ -95,6 +98,7 @@ def inject(
     scale: float,
     computed: dict[str, Any] | None = None,
     extra: dict[str, Any] | None = None,
+    dropout: float = 0.0,
 ) -> AdapterRecord:
     """Add the branch ``s * B R A x`` to ``lin``'s output and record it.
 
@@ -119,7 +123,13 @@ def inject(
     for role, build in (computed or {}).items():
         nodes[role] = build(rw, nodes, lin.output)
     before = lin.output
-    h = rw.call(aten.linear.default, (lin.input, nodes["A"]), before=before, rule="adapter")
+    x = lin.input
+    if dropout:
+        # Dropout on the branch input, off in the graph (eval semantics: exact, exportable as an
+        # identity); rewriter.train switches nodes tagged TRAIN_DROPOUT_KEY on while it trains.
+        x = rw.call(aten.dropout.default, (x, float(dropout), False), before=before, rule="adapter")
+        x.meta[TRAIN_DROPOUT_KEY] = True
+    h = rw.call(aten.linear.default, (x, nodes["A"]), before=before, rule="adapter")
     if "R" in nodes:
         h = rw.call(aten.linear.default, (h, nodes["R"]), before=before, rule="adapter")
     d = rw.call(aten.linear.default, (h, nodes["B"]), before=before, rule="adapter")

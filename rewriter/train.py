@@ -128,6 +128,7 @@ def train(
     generator = torch.Generator().manual_seed(seed)
     order = torch.randperm(len(batches), generator=generator).tolist()
     losses: list[float] = []
+    dropouts = _switch_train_dropout(gm, True)
     try:
         for step in progress(
             range(steps), total=steps, description=description, enabled=show_progress
@@ -146,7 +147,21 @@ def train(
     finally:
         for name, parameter in _named_parameters(gm):
             parameter.requires_grad_(previous_flags.get(name, False))
+        if dropouts:
+            _switch_train_dropout(gm, False)
     return TrainReport(losses, names)
+
+
+def _switch_train_dropout(gm: torch.fx.GraphModule, on: bool) -> int:
+    """Set the ``train`` flag of dropouts tagged for training (adapter dropout); returns count."""
+    count = 0
+    for node in gm.graph.nodes:
+        if node.meta.get("rewriter.train_dropout"):
+            node.args = (node.args[0], node.args[1], on)
+            count += 1
+    if count:
+        gm.recompile()
+    return count
 
 
 def _lr_factor(step: int, *, warmup: int, steps: int, schedule: str) -> float:

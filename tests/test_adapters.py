@@ -112,8 +112,32 @@ def test_targets_follow_peft_rules_and_errors_name_the_maps() -> None:
     ]
     with pytest.raises(PassError, match=r"targets='q_proj' selects no linear map.*c_attn"):
         rewriter.Pipeline.parse("lora(targets='q_proj')").run(gm)
-    with pytest.raises(PassError, match=r"dropout=0\.1 is not supported"):
-        rewriter.Pipeline.parse("lora(dropout=0.1)").run(gm)
+    with pytest.raises(PassError, match=r"dropout must be in \[0, 1\)"):
+        rewriter.Pipeline.parse("lora(dropout=1.5)").run(gm)
+
+
+def test_adapter_dropout_acts_only_while_training() -> None:
+    from rewriter.train import _switch_train_dropout
+
+    spec = ModelSpec("gpt2", layers=1, vocab=100)
+    model = spec.build()
+    gm = rewriter.trace(model, spec.example_inputs(), dynamic_shapes="auto")
+    out = (
+        rewriter.Pipeline.parse("canonicalize,lora(r=2,dropout=0.5),canonicalize")
+        .run(gm)
+        .graph_module
+    )
+    _randomize(out)
+    ids = torch.randint(0, 100, (2, 7))
+    quiet = verify.outputs(out(ids))[0]
+    assert torch.equal(quiet, verify.outputs(out(ids))[0])  # off in the graph: deterministic
+    assert _switch_train_dropout(out, True) == 4
+    noisy = [verify.outputs(out(ids))[0] for _ in range(2)]
+    assert not torch.equal(noisy[0], noisy[1])
+    _switch_train_dropout(out, False)
+    assert torch.equal(quiet, verify.outputs(out(ids))[0])
+    merged = rewriter.Pipeline.parse("merge-adapters").run(out).graph_module
+    assert "aten.dropout.default" not in rewriter.graph.op_counts(merged)
 
 
 def test_report_counts_trainable_parameters_like_peft() -> None:
@@ -126,7 +150,14 @@ def test_report_counts_trainable_parameters_like_peft() -> None:
         for lin in linear_maps(gm)
         if lin.module.endswith(("q_proj", "v_proj"))
     )
-    assert metrics["trainable_parameters"] == expected
+    assert metrics["trainable_parameters"] == expected == metrics["peft_lora_parameters"]
+    xs = (
+        rewriter.Pipeline.parse("lora-xs(r=4,targets='q_proj,v_proj')")
+        .run(gm)
+        .report.records[0]
+        .metrics
+    )
+    assert xs["trainable_parameters"] == 4 * 4 * 4 and xs["peft_lora_parameters"] == expected
     trainable = [n for n, p in result.graph_module.named_parameters() if p.requires_grad]
     assert sorted(trainable) == sorted(n for r in records(result.graph_module) for n in r.trainable)
 
