@@ -150,7 +150,7 @@ def inject(
         tensors=names,
         trainable=[names[r] for r in sorted(trainable)],
         output=total.name,
-        extra=dict(extra or {}),
+        extra=dict(extra or {}) | ({"dropout": float(dropout)} if dropout else {}),
     )
     _set_records(rw.gm, [*records(rw.gm), record])
     return record
@@ -331,7 +331,8 @@ def load(gm: torch.fx.GraphModule, path: str) -> torch.fx.GraphModule:
             trainable=trainable,
             scale=entry["scale"],
             computed=computed,
-            extra=entry["extra"],
+            extra={k: v for k, v in entry["extra"].items() if k != "dropout"},
+            dropout=entry["extra"].get("dropout", 0.0),
         )
         maps = {(module_path(m.node) or m.module): m for m in linear_maps(out)}
     rw.finish(prune_weights=False)
