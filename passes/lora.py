@@ -40,7 +40,7 @@ import torch.fx
 from rewriter.adapters import inject, own_weight
 from rewriter.context import PassContext
 from rewriter.driver import Rewriter
-from rewriter.errors import RewriterError
+from rewriter.errors import PreconditionError, RewriterError
 from rewriter.graph import LinearMap, is_lm_head, linear_maps, module_path
 from rewriter.pipeline import Pass, PassResult, option
 from rewriter.store import Block, Edit
@@ -109,8 +109,8 @@ class LoRAPass(Pass):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         dtype = _adapter_dtype(rw, lin)
         out_f, in_f, r = lin.out_features, lin.in_features, self.r
-        if r > min(out_f, in_f):
-            raise RewriterError(
+        if self.init == "pissa" and r > min(out_f, in_f):  # plain LoRA may be over-parametrized
+            raise PreconditionError(
                 f"pass '{self.name}': r={r} exceeds the size of {_label(lin)} ({out_f} x {in_f})"
             )
         generator = torch.Generator().manual_seed(seed)

@@ -24,7 +24,7 @@ from rewriter.passes.lora_xs import principal_factors
 from rewriter.adapters import inject
 from rewriter.context import PassContext, progress
 from rewriter.driver import Rewriter
-from rewriter.errors import RewriterError
+from rewriter.errors import PreconditionError
 from rewriter.graph import copy_graph_module, module_path
 from rewriter.pipeline import Pass, PassResult, option
 from rewriter.trace import trace_info
@@ -53,7 +53,7 @@ class LoRASBPass(Pass):
         per_layer = {}
         for lin in chosen:
             if self.r > min(lin.in_features, lin.out_features):
-                raise RewriterError(
+                raise PreconditionError(
                     f"pass '{self.name}': r={self.r} exceeds {module_path(lin.node)}"
                 )
             g = gradients[lin.weight_name]

@@ -22,7 +22,7 @@ from rewriter.passes.lora import select_targets
 from rewriter.adapters import inject
 from rewriter.context import PassContext
 from rewriter.driver import Rewriter
-from rewriter.errors import RewriterError
+from rewriter.errors import PreconditionError
 from rewriter.graph import LinearMap, module_path
 from rewriter.pipeline import Pass, PassResult, option
 
@@ -63,7 +63,7 @@ class LoRAXSPass(Pass):
         dtype_svd = getattr(torch, self.svd_dtype)
         for index, lin in enumerate(chosen):
             if self.r > min(lin.in_features, lin.out_features):
-                raise RewriterError(
+                raise PreconditionError(
                     f"pass '{self.name}': r={self.r} exceeds {module_path(lin.node)} "
                     f"({lin.out_features} x {lin.in_features})"
                 )

@@ -32,7 +32,7 @@ from rewriter.adapters import (
 )
 from rewriter.context import PassContext
 from rewriter.driver import Rewriter
-from rewriter.errors import RewriterError
+from rewriter.errors import PreconditionError, RewriterError
 from rewriter.graph import as_linear, linear_maps
 from rewriter.pipeline import Pass, PassResult, option
 
@@ -80,11 +80,14 @@ class MergeAdaptersPass(Pass):
         rw.finish(prune_weights=True)
         gm.meta[ADAPTERS_KEY] = []
         gm.meta[MERGED_KEY] = [*gm.meta.get(MERGED_KEY, []), *kept]
+        if not self.keep_base:
+            gm.meta[MERGED_WITHOUT_BASE_KEY] = gm.meta.get(MERGED_WITHOUT_BASE_KEY, 0) + len(found)
         stats = {"merge-adapter": len(found)}
         return PassResult(gm, changed=True, stats=stats, notes=[f"{len(found)} adapters merged"])
 
 
 MERGED_KEY = "rewriter.merged_adapters"
+MERGED_WITHOUT_BASE_KEY = "rewriter.merged_without_base"
 
 
 @dataclasses.dataclass
@@ -105,13 +108,16 @@ class UnmergeAdaptersPass(Pass):
     name: ClassVar[str] = "unmerge-adapters"
 
     def run(self, gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
-        merged: list[MergedAdapter] = list(getattr(gm, "meta", {}).get(MERGED_KEY, []))
-        if not merged:
-            raise RewriterError(
-                f"pass '{self.name}': nothing to unmerge exactly: the adapters were merged "
-                "without keep_base=true (subtracting s B A again would not restore the original "
-                "bits in float32 or lower), or there were none"
+        meta = getattr(gm, "meta", {})
+        merged: list[MergedAdapter] = list(meta.get(MERGED_KEY, []))
+        if not merged and meta.get(MERGED_WITHOUT_BASE_KEY):
+            raise PreconditionError(
+                f"pass '{self.name}': {meta[MERGED_WITHOUT_BASE_KEY]} adapters were merged "
+                "without keep_base=true: subtracting s B A again would not restore the original "
+                "bits in float32 or lower, so they cannot be unmerged exactly"
             )
+        if not merged:
+            return PassResult(gm, changed=False, notes=["no merged adapters to unmerge"])
         rw = Rewriter(gm, pass_name=self.name)
         for item in reversed(merged):
             rw.store.write(item.weight, item.original.clone(), note="unmerge: original weight")
