@@ -37,7 +37,7 @@ from typing import ClassVar, Literal
 import torch
 import torch.fx
 
-from rewriter.adapters import inject, own_weight
+from rewriter.adapters import adapter_dtype, inject, own_weight
 from rewriter.context import PassContext
 from rewriter.driver import Rewriter
 from rewriter.errors import PreconditionError, RewriterError
@@ -107,7 +107,7 @@ class LoRAPass(Pass):
     def _factors(
         self, rw: Rewriter, lin: LinearMap, scale: float, seed: int
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        dtype = _adapter_dtype(rw, lin)
+        dtype = adapter_dtype(lin)
         out_f, in_f, r = lin.out_features, lin.in_features, self.r
         if self.init == "pissa" and r > min(out_f, in_f):  # plain LoRA may be over-parametrized
             raise PreconditionError(
@@ -144,11 +144,6 @@ def _pissa(
 
     rw.apply(Edit(name, (name,), residual, note="pissa residual"))
     return a, b
-
-
-def _adapter_dtype(rw: Rewriter, lin: LinearMap) -> torch.dtype:
-    dtype = lin.weight.meta["val"].dtype
-    return dtype if dtype in (torch.float32, torch.float64) else torch.float32
 
 
 def _label(lin: LinearMap) -> str:

@@ -21,7 +21,7 @@ import torch.fx
 from rewriter.passes.lora import select_targets
 from rewriter.passes.lora_xs import principal_factors
 
-from rewriter.adapters import inject
+from rewriter.adapters import adapter_dtype, inject
 from rewriter.context import PassContext, progress
 from rewriter.driver import Rewriter
 from rewriter.errors import PreconditionError
@@ -60,8 +60,7 @@ class LoRASBPass(Pass):
             g = g if lin.layout == "out_in" else g.T
             update = -self.update_lr * torch.sign(g)
             u, s, vh = principal_factors(update, self.r)
-            dtype = lin.weight.meta["val"].dtype
-            dtype = dtype if dtype in (torch.float32, torch.float64) else torch.float32
+            dtype = adapter_dtype(lin)
             factors = {"A": vh.to(dtype), "B": u.to(dtype), "R": torch.diag(s).to(dtype)}
             inject(
                 rw,

@@ -19,7 +19,7 @@ import torch
 import torch.fx
 from rewriter.passes.lora import select_targets
 
-from rewriter.adapters import inject
+from rewriter.adapters import adapter_dtype, inject
 from rewriter.context import PassContext
 from rewriter.driver import Rewriter
 from rewriter.errors import PreconditionError
@@ -67,7 +67,7 @@ class LoRAXSPass(Pass):
                     f"pass '{self.name}': r={self.r} exceeds {module_path(lin.node)} "
                     f"({lin.out_features} x {lin.in_features})"
                 )
-            dtype = _dtype(lin)
+            dtype = adapter_dtype(lin)
             u, s, vh = principal_factors(out_in(rw, lin), self.r, dtype_svd)
             g = torch.Generator().manual_seed(ctx.seed + index)
             core = (
@@ -98,8 +98,3 @@ class LoRAXSPass(Pass):
         return PassResult(
             gm, changed=True, stats={self.name: len(chosen)}, notes=[note], metrics=metrics
         )
-
-
-def _dtype(lin: LinearMap) -> torch.dtype:
-    dtype = lin.weight.meta["val"].dtype
-    return dtype if dtype in (torch.float32, torch.float64) else torch.float32

@@ -58,13 +58,9 @@ class MergeAdaptersPass(Pass):
             total = by_name[record.output]
             base_output = total.args[0]
             lin = _linear_of(base_output)
-            if lin is None or lin.weight_name != record.weight:
-                lin = None
-            if lin is not None:
-                lin = own_weight(rw, lin)
-                weight = lin.weight_name
-            else:
-                weight = record.weight
+            weight = record.weight
+            if lin is not None and lin.weight_name == weight:
+                weight = own_weight(rw, lin).weight_name  # a tied weight is untied first
             if self.keep_base:
                 factors = {
                     role: rw.store.read(name).detach().clone()

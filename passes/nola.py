@@ -26,7 +26,7 @@ import torch
 import torch.fx
 from rewriter.passes.lora import select_targets
 
-from rewriter.adapters import inject, nola_bases, nola_computed
+from rewriter.adapters import adapter_dtype, inject, nola_bases, nola_computed
 from rewriter.context import PassContext
 from rewriter.driver import Rewriter
 from rewriter.errors import RewriterError
@@ -59,8 +59,7 @@ class NOLAPass(Pass):
         rw = Rewriter(gm, pass_name=self.name)
         per_layer = {}
         for index, lin in enumerate(chosen):
-            dtype = lin.weight.meta["val"].dtype
-            dtype = dtype if dtype in (torch.float32, torch.float64) else torch.float32
+            dtype = adapter_dtype(lin)
             a_basis, b_basis = nola_bases(
                 self.seed, index, self.k, self.l, self.r, lin.in_features, lin.out_features
             )

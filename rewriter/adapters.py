@@ -36,6 +36,7 @@ __all__ = [
     "ADAPTERS_KEY",
     "TRAIN_DROPOUT_KEY",
     "AdapterRecord",
+    "adapter_dtype",
     "delta_weight",
     "factor_values",
     "inject",
@@ -191,6 +192,12 @@ def _combine(equation: str, coefficients: str, basis: str):
         )
 
     return build
+
+
+def adapter_dtype(lin: LinearMap) -> torch.dtype:
+    """Factors keep a float32/float64 base's dtype; half-precision bases get float32 factors."""
+    dtype = lin.weight.meta["val"].dtype
+    return dtype if dtype in (torch.float32, torch.float64) else torch.float32
 
 
 def own_weight(rw: Rewriter, lin: LinearMap) -> LinearMap:
