@@ -41,8 +41,17 @@ def check_one(
 ) -> dict:
     model = spec.build()
     gm = rewriter.trace(model, spec.example_inputs(seq=rng.randint(2, 12)), dynamic_shapes="auto")
+    # A token corpus for passes that keep what data uses (vocab-trim): a random part of the
+    # vocabulary; inputs outside it are projected onto kept tokens by the comparison.
+    corpus = torch.randint(
+        0,
+        spec.vocab,
+        (1, rng.randint(1, 3 * spec.vocab)),
+        generator=torch.Generator().manual_seed(rng.randrange(2**31)),
+    )
     try:
-        out = pipeline.run(gm, rewriter.PassContext(progress=False)).graph_module
+        ctx = rewriter.PassContext(progress=False, calibration=corpus)
+        out = pipeline.run(gm, ctx).graph_module
     except PassError as error:
         if isinstance(error.cause, PreconditionError):
             return {"status": "refused", "reason": str(error.cause)}

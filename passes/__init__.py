@@ -34,6 +34,7 @@ BUILTIN: dict[str, str] = {
     "lora-sb": "rewriter.passes.lora_sb:LoRASBPass",
     "merge-adapters": "rewriter.passes.merge_adapters:MergeAdaptersPass",
     "unmerge-adapters": "rewriter.passes.merge_adapters:UnmergeAdaptersPass",
+    "vocab-trim": "rewriter.passes.vocab_trim:VocabTrimPass",
 }
 
 _USER: dict[str, type] = {}

@@ -19,7 +19,7 @@ the only core module that reaches up into ``rewriter.passes``.
 
 from __future__ import annotations
 
-from rewriter import adapters, ops, verify
+from rewriter import adapters, ops, tokenizer_trim, verify, vocab
 from rewriter.context import PassContext
 from rewriter.errors import (
     LoweringError,
@@ -89,9 +89,11 @@ __all__ = [
     "register_pass",
     "save",
     "save_pretrained",
+    "tokenizer_trim",
     "trace",
     "trace_info",
     "train",
     "verify",
+    "vocab",
     "weights",
 ]

@@ -5,7 +5,8 @@
 ``rewriter run --model MODEL --passes SPEC --out DIR [--backend onnx] [--calib TEXT|FILE]
 [--eval-text FILE] [--force]``
     Trace MODEL, run the pipeline, write ``model.pt2`` (and ``model.onnx``, checked in ONNX
-    Runtime, with ``--backend onnx``) and ``report.json``, print the report table. MODEL is
+    Runtime, with ``--backend onnx``) and ``report.json``, print the report table; after
+    ``vocab-trim`` the rebuilt tokenizer goes to ``tokenizer/``. MODEL is
     ``tiny-gpt2`` (the embedded model), a local Hugging Face directory, a config ``.json`` (random
     weights), or ``package.module:factory``, which imports and runs that code (a factory returns
     a model or ``(model, tokenizer)``). Remote code in Hugging Face configs is refused.
@@ -290,6 +291,13 @@ def _rewrite(
         summary["ok"] = False
     with _step(console, "saving model.pt2"):
         rewriter.save(result.graph_module, out / "model.pt2")
+    trimmed = rewriter.vocab.vocab_map(result.graph_module)
+    if trimmed is not None:
+        summary["vocab"] = {"kept": trimmed.size, "of": trimmed.original_size, "ids": trimmed.ids}
+        if trimmed.tokenizer is not None:
+            _save_tokenizer(trimmed.tokenizer, out / "tokenizer")
+            summary["vocab"]["tokenizer"] = str(out / "tokenizer")
+            print(f"rebuilt tokenizer ({trimmed.describe()}) in {out / 'tokenizer'}")
     if backend == "onnx":
         onnx = rewriter.backends.onnx
         with _step(console, "exporting to ONNX and checking in ONNX Runtime"):
@@ -306,6 +314,15 @@ def _rewrite(
     (out / "report.json").write_text(json.dumps(summary, indent=2, default=str))
     (out / "graph.txt").write_text(rewriter.format_graph(result.graph_module))
     return summary
+
+
+def _save_tokenizer(tokenizer: Any, directory: Path) -> None:
+    """A Hugging Face tokenizer directory, or tokenizer.json for a bare ``tokenizers`` one."""
+    directory.mkdir(parents=True, exist_ok=True)
+    if hasattr(tokenizer, "save_pretrained"):
+        tokenizer.save_pretrained(directory)
+    else:
+        tokenizer.save(str(directory / "tokenizer.json"))
 
 
 # --- demo -----------------------------------------------------------------------------------------

@@ -103,23 +103,25 @@ class PassContext:
             raise RewriterError(f"{kind} data is too short for one batch of {seq_len} tokens")
         return result[:limit] if limit is not None else result
 
-    def encode(self, text: str) -> torch.Tensor:
-        """Token ids of ``text`` with the context's tokenizer."""
-        if self.tokenizer is None:
+    def encode(self, text: str, tokenizer: Any = None) -> torch.Tensor:
+        """Token ids of ``text`` with ``tokenizer`` (default: the context's)."""
+        tokenizer = tokenizer if tokenizer is not None else self.tokenizer
+        if tokenizer is None:
             raise RewriterError("text data needs a tokenizer: give PassContext(tokenizer=...)")
         # Both Hugging Face tokenizers and tokenizers.Tokenizer have encode(); the latter
         # returns an Encoding whose ids are in .ids.
-        encoded = self.tokenizer.encode(text)
+        encoded = tokenizer.encode(text)
         ids = getattr(encoded, "ids", encoded)
         return torch.tensor(ids, dtype=torch.long)
 
-    def evaluation_ids(self) -> torch.Tensor:
-        """The evaluation data as one stream of token ids (for perplexity)."""
+    def evaluation_ids(self, tokenizer: Any = None) -> torch.Tensor:
+        """The evaluation data as one stream of token ids (for perplexity); text is encoded
+        with ``tokenizer`` (default: the context's)."""
         data = self.require("evaluation", "perplexity")
         if isinstance(data, str) or (
             isinstance(data, Sequence) and data and isinstance(data[0], str)
         ):
-            ids = self.encode(data if isinstance(data, str) else "\n".join(data))
+            ids = self.encode(data if isinstance(data, str) else "\n".join(data), tokenizer)
         elif isinstance(data, torch.Tensor):
             ids = data.reshape(-1)
         else:

@@ -56,14 +56,26 @@ def perplexity_of_ids(
     *,
     batch_size: int = 8,
     max_tokens: int | None = None,
+    over: torch.Tensor | None = None,
 ) -> float:
-    """Perplexity of ``model`` (an ``nn.Module`` or a traced graph) on token ids."""
+    """Perplexity of ``model`` (an ``nn.Module`` or a traced graph) on token ids.
+
+    ``ids`` are what the model takes. For a graph whose vocabulary was trimmed
+    (:mod:`rewriter.vocab`) the logits are over the kept ids, and targets are renumbered to
+    them; a target that was removed is not counted. ``over`` (ids of the model's vocabulary)
+    renormalizes the model's distribution over those ids only: the original model's perplexity
+    as a graph trimmed to ``over`` would see it.
+    """
+    from rewriter.vocab import vocab_map
+
     context = context or _context_of(model)
     if max_tokens is not None:
         ids = ids[:max_tokens]
     chunks = windows(ids, context)
     if not chunks:
         raise ValueError("perplexity needs at least 2 tokens")
+    vmap = vocab_map(model)
+    renumber = _target_map(vmap, over, int(ids.max()) + 1)
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
@@ -74,16 +86,34 @@ def perplexity_of_ids(
         for group in groups:
             batch = torch.stack(group)
             logits = _logits(model, batch).float()
+            if over is not None:
+                logits = logits.index_select(-1, over)
+            targets = batch[:, 1:] if renumber is None else renumber[batch[:, 1:]]
             nll = F.cross_entropy(
                 logits[:, :-1].reshape(-1, logits.shape[-1]),
-                batch[:, 1:].reshape(-1),
+                targets.reshape(-1),
                 reduction="sum",
+                ignore_index=-1,
             )
             total += float(nll)
-            count += batch[:, 1:].numel()
+            count += int((targets >= 0).sum())
     finally:
         model.train(was_training)
+    if count == 0:
+        raise ValueError("no target token is in the model's vocabulary")
     return math.exp(total / count)
+
+
+def _target_map(vmap: Any, over: torch.Tensor | None, id_bound: int) -> torch.Tensor | None:
+    """Model input id -> logits index (-1: not predictable), when they differ."""
+    if over is not None:
+        size = max(int(over.max()) + 1, id_bound)
+        table = torch.full((size,), -1, dtype=torch.long)
+        table[over] = torch.arange(over.numel())
+        return table
+    if vmap is not None and vmap.ids == "original":
+        return vmap.positions(torch.arange(vmap.original_size))
+    return None
 
 
 def perplexity(

@@ -29,7 +29,7 @@ from typing import Any, ClassVar
 import torch
 import torch.fx
 
-from rewriter import verify
+from rewriter import verify, vocab
 from rewriter.context import PassContext
 from rewriter.errors import PassError, PreconditionError, RewriterError, SpecError
 from rewriter.graph import copy_graph_module, format_graph
@@ -369,7 +369,8 @@ class Pipeline:
             n.strip() for n in os.environ.get("REWRITER_DISABLE", "").split(",") if n.strip()
         }
         examples = _example_inputs(gm, ctx)
-        evaluation = _Evaluation(ctx)
+        evaluation = _Evaluation(ctx, gm)
+        input_vocab = vocab.vocab_map(gm)
         report.baseline.update(evaluation(gm))
         current = gm
         ran: list[str] = []
@@ -391,7 +392,10 @@ class Pipeline:
                     )
                 )
                 continue
-            current = self._run_one(step, current, ctx, examples, ran, report)
+            previous = current
+            step_ctx = vocab.adapt_context(ctx, input_vocab, vocab.vocab_map(current))
+            current = self._run_one(step, current, step_ctx, examples, ran, report)
+            examples = _carry_examples(examples, previous, current)
             report.records[-1].metrics.update(evaluation(current))
             ran.append(step.spec())
         return PipelineResult(current, report)
@@ -474,17 +478,54 @@ class Pipeline:
 
 
 class _Evaluation:
-    """Perplexity of a graph on the context's evaluation data (nothing without such data)."""
+    """Perplexity of a graph on the context's evaluation data (nothing without such data).
 
-    def __init__(self, ctx: PassContext) -> None:
+    The data's ids are those of the pipeline's input graph. A graph whose vocabulary a pass
+    trimmed gets them renumbered when every token was kept; otherwise text is encoded again with
+    the rebuilt tokenizer (a new segmentation, so the number is per new token), and a graph
+    that still takes original ids gets them as they are (removed targets are not counted).
+    """
+
+    def __init__(self, ctx: PassContext, gm: torch.fx.GraphModule) -> None:
+        self.ctx = ctx
         self.ids = ctx.evaluation_ids() if ctx.evaluation is not None else None
+        self.vocab = vocab.vocab_map(gm)
 
     def __call__(self, gm: torch.fx.GraphModule) -> dict[str, float]:
         if self.ids is None:
             return {}
         from rewriter.metrics import perplexity_of_ids
 
-        return {"ppl": perplexity_of_ids(gm, self.ids)}
+        ids = self._ids_for(vocab.vocab_map(gm))
+        return {} if ids is None else {"ppl": perplexity_of_ids(gm, ids)}
+
+    def _ids_for(self, target: vocab.VocabMap | None) -> torch.Tensor | None:
+        assert self.ids is not None
+        if vocab.same_vocab(self.vocab, target) or target is None:
+            return self.ids
+        original = self.ids if self.vocab is None else self.vocab.original_ids(self.ids)
+        if target.ids == "original" or bool((target.positions(original) >= 0).all()):
+            return target.graph_ids(original) if target.ids == "new" else original
+        data = self.ctx.evaluation
+        text = isinstance(data, str) or (
+            isinstance(data, list) and all(isinstance(d, str) for d in data)
+        )
+        if target.tokenizer is not None and text:
+            return self.ctx.evaluation_ids(target.tokenizer)
+        return None
+
+
+def _carry_examples(
+    examples: Sequence[torch.Tensor] | None,
+    before: torch.fx.GraphModule,
+    after: torch.fx.GraphModule,
+) -> Sequence[torch.Tensor] | None:
+    """The example inputs in the ids of ``after`` when a pass changed the vocabulary."""
+    old, new = vocab.vocab_map(before), vocab.vocab_map(after)
+    if examples is None or vocab.same_vocab(old, new):
+        return examples
+    info = trace_info(after)
+    return vocab.translate_inputs(examples, info.input_names if info else None, old, new)
 
 
 def _call_args(info: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:

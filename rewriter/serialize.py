@@ -28,13 +28,15 @@ from torch.utils import _pytree as pytree
 
 from rewriter.errors import RewriterError
 from rewriter.trace import TRACE_INFO_KEY, TraceInfo, _plain_graph_module, trace_info
-from rewriter.verify import ErrorReport, compare
+from rewriter.verify import ErrorReport
+from rewriter.vocab import VOCAB_KEY, VocabMap, vocab_map
 
 __all__ = ["load", "save", "save_pretrained"]
 
 _INFO_FILE = "rewriter_trace_info.json"
 _EXAMPLES_FILE = "rewriter_example_inputs.b64"
 _OUTPUTS_FILE = "rewriter_output_structure.json"
+_VOCAB_FILE = "rewriter_vocab.json"
 
 
 def save(gm: torch.fx.GraphModule, path: str | os.PathLike[str]) -> Path:
@@ -61,6 +63,7 @@ def save(gm: torch.fx.GraphModule, path: str | os.PathLike[str]) -> Path:
         _INFO_FILE: json.dumps(_info_to_json(info)),
         _EXAMPLES_FILE: _tensors_to_text(info.example_inputs),
         _OUTPUTS_FILE: json.dumps(structure),
+        _VOCAB_FILE: json.dumps(_vocab_to_json(vocab_map(gm))),
     }
     torch.export.save(ep, path, extra_files=extra)
     return path
@@ -71,7 +74,7 @@ def load(path: str | os.PathLike[str]) -> torch.fx.GraphModule:
     import rewriter.ops  # noqa: F401 - registers the rewriter:: ops before deserializing
 
     _import_output_types(Path(path))
-    extra = {_INFO_FILE: "", _EXAMPLES_FILE: "", _OUTPUTS_FILE: ""}
+    extra = {_INFO_FILE: "", _EXAMPLES_FILE: "", _OUTPUTS_FILE: "", _VOCAB_FILE: ""}
     ep = torch.export.load(Path(path), extra_files=extra)
     gm = _plain_graph_module(ep)
     if extra[_OUTPUTS_FILE]:
@@ -80,7 +83,58 @@ def load(path: str | os.PathLike[str]) -> torch.fx.GraphModule:
         gm.meta[TRACE_INFO_KEY] = _info_from_json(
             json.loads(extra[_INFO_FILE]), extra[_EXAMPLES_FILE]
         )
+    if extra[_VOCAB_FILE]:
+        vmap = _vocab_from_json(json.loads(extra[_VOCAB_FILE]))
+        if vmap is not None:
+            gm.meta[VOCAB_KEY] = vmap
     return gm
+
+
+def _vocab_to_json(vmap: VocabMap | None) -> dict[str, Any] | None:
+    if vmap is None:
+        return None
+    data = {
+        "kept": vmap.kept.tolist(),
+        "original_size": vmap.original_size,
+        "ids": vmap.ids,
+        "token_inputs": list(vmap.token_inputs),
+        "vocab_outputs": list(vmap.vocab_outputs),
+        "filler": vmap.filler,
+        "tokenizer": None,
+    }
+    if vmap.tokenizer is not None:
+        from rewriter.tokenizer_trim import backend
+
+        specials = getattr(vmap.tokenizer, "special_tokens_map", None)
+        data["tokenizer"] = {
+            "json": backend(vmap.tokenizer).to_str(),
+            "hf_special_tokens": specials if isinstance(specials, dict) else None,
+        }
+    return data
+
+
+def _vocab_from_json(data: dict[str, Any] | None) -> VocabMap | None:
+    if not data:
+        return None
+    tokenizer = None
+    if data["tokenizer"] is not None:
+        from tokenizers import Tokenizer
+
+        tokenizer = Tokenizer.from_str(data["tokenizer"]["json"])
+        specials = data["tokenizer"]["hf_special_tokens"]
+        if specials is not None:
+            from transformers import PreTrainedTokenizerFast
+
+            tokenizer = PreTrainedTokenizerFast(tokenizer_object=tokenizer, **specials)
+    return VocabMap(
+        kept=torch.tensor(data["kept"], dtype=torch.long),
+        original_size=data["original_size"],
+        ids=data["ids"],
+        token_inputs=tuple(data["token_inputs"]),
+        vocab_outputs=tuple(data["vocab_outputs"]),
+        filler=data["filler"],
+        tokenizer=tokenizer,
+    )
 
 
 def _with_serializable_outputs(gm: torch.fx.GraphModule) -> tuple[torch.fx.GraphModule, Any]:
@@ -248,8 +302,17 @@ def save_pretrained(
     info = trace_info(gm)
     if info is None or info.config is None:
         raise RewriterError("save_pretrained() needs a graph traced from a Hugging Face model")
+    vmap = vocab_map(gm)
+    if vmap is not None and vmap.ids == "original":
+        raise RewriterError(
+            "this graph was trimmed with vocab-trim(mode=id-map): it maps the old tokenizer's ids "
+            "itself, which no Hugging Face class does; trim with mode=rebuilt to save a "
+            "directory, or save it with rewriter.save(gm, 'model.pt2')"
+        )
+    if tokenizer is None and vmap is not None:
+        tokenizer = vmap.tokenizer  # the rebuilt tokenizer goes with the trimmed model
     model = _rebuild(info, config_overrides or {}, gm)
-    report = compare(gm, model, info.example_inputs)
+    report = _same_ids_compare(gm, model, info.example_inputs)
     if not report.ok:
         raise RewriterError(
             "this rewrite changed the model's architecture, so a Hugging Face directory cannot "
@@ -263,10 +326,21 @@ def save_pretrained(
     if tokenizer is not None:
         tokenizer.save_pretrained(directory)
     reloaded = type(model).from_pretrained(directory, local_files_only=True).eval()
-    check = compare(gm, reloaded, info.example_inputs)
+    check = _same_ids_compare(gm, reloaded, info.example_inputs)
     if not check.ok:
         raise RewriterError(f"the saved directory does not reload to the same logits: {check}")
     return check
+
+
+def _same_ids_compare(gm: torch.fx.GraphModule, model: torch.nn.Module, inputs: Any) -> ErrorReport:
+    """Compare a graph with a model built for its (possibly trimmed) vocabulary: both take the
+    graph's ids, so no vocabulary translation applies."""
+    from rewriter.verify import compare_outputs, outputs, run
+
+    info = trace_info(gm)
+    return compare_outputs(
+        outputs(run(gm, inputs, info)), outputs(run(model, inputs, info)), None, None
+    )
 
 
 def _rebuild(

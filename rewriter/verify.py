@@ -43,6 +43,7 @@ from hypothesis import HealthCheck, currently_in_test_context, given, settings
 from hypothesis import strategies as st
 from torch.utils import _pytree as pytree
 
+from rewriter import vocab
 from rewriter.families import FAMILIES, Choices, ModelSpec
 from rewriter.graph import look_back
 from rewriter.trace import TraceInfo, eval_mode, trace_info
@@ -159,16 +160,53 @@ def compare(
     *,
     rtol: float | None = None,
     atol: float | None = None,
+    inputs_of: str = "reference",
 ) -> ErrorReport:
-    """Run both on ``inputs`` (default: the trace's example inputs) and measure the error."""
+    """Run both on ``inputs`` (default: the trace's example inputs) and measure the error.
+
+    When the candidate's vocabulary was trimmed (:mod:`rewriter.vocab`), ``inputs`` are in the
+    ``inputs_of`` side's ids; the other side gets the same text in its own ids, and the
+    reference's logits are taken at the candidate's kept ids.
+    """
     info = _info_of(reference, candidate)
     if inputs is None:
         if info is None:
             raise ValueError("compare() needs inputs when neither model is a traced graph")
         inputs = info.example_inputs
-    ref = outputs(run(reference, inputs, info))
-    out = outputs(run(candidate, inputs, info))
+    ref_inputs, cand_inputs = _vocab_inputs(reference, candidate, inputs, info, inputs_of)
+    ref = outputs(run(reference, ref_inputs, info))
+    out = outputs(run(candidate, cand_inputs, info))
+    ref = vocab.gather_outputs(ref, vocab.vocab_map(reference), vocab.vocab_map(candidate))
     return compare_outputs(ref, out, rtol, atol)
+
+
+def _vocab_inputs(
+    reference: torch.nn.Module,
+    candidate: torch.nn.Module,
+    inputs: Sequence[torch.Tensor],
+    info: TraceInfo | None,
+    inputs_of: str,
+) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
+    """The inputs each side takes when their vocabularies differ (a trimmed candidate).
+
+    Inputs given for the reference have ids the candidate removed replaced by its filler token
+    (both sides then see the same text); inputs given for the candidate (hypothesis draws) use
+    only kept ids and are renumbered for the reference.
+    """
+    ref_map, cand_map = vocab.vocab_map(reference), vocab.vocab_map(candidate)
+    inputs = tuple(inputs)
+    if vocab.same_vocab(ref_map, cand_map):
+        return inputs, inputs
+    names = info.input_names if info is not None else None
+    tokens = vocab.token_positions(names, ref_map, cand_map)
+    given = cand_map if inputs_of == "candidate" else ref_map
+    original = vocab.to_original(inputs, tokens, given)
+    if inputs_of != "candidate" and cand_map is not None:
+        original = vocab.project(original, tokens, cand_map)
+    return (
+        vocab.from_original(original, tokens, ref_map),
+        vocab.from_original(original, tokens, cand_map),
+    )
 
 
 def _info_of(*models: torch.nn.Module) -> TraceInfo | None:
@@ -250,6 +288,9 @@ class InputSpec:
     kind: str
     """``"tokens"`` (ids below ``high``), ``"mask"`` (0/1, padded), ``"int"`` or ``"float"``."""
     high: int = 2
+    values: torch.Tensor | None = dataclasses.field(default=None, compare=False)
+    """For ``"tokens"``: the ids to draw from, when not all ids below ``high`` are valid (a
+    trimmed graph that still takes original ids)."""
 
 
 def input_specs(gm: torch.fx.GraphModule) -> list[InputSpec]:
@@ -293,6 +334,9 @@ def _classify(
 ) -> InputSpec:
     if dtype.is_floating_point:
         return InputSpec(name, dtype, shape, "float")
+    vmap = vocab.vocab_map(gm)
+    if vmap is not None and vmap.ids == "original" and name in vmap.token_inputs:
+        return InputSpec(name, dtype, shape, "tokens", vmap.original_size, vmap.kept)
     rows = _embedding_rows(node)
     if rows is not None:
         return InputSpec(name, dtype, shape, "tokens", rows)
@@ -432,6 +476,9 @@ def _make(
     shape = tuple(sizes[d] if isinstance(d, str) else d for d in spec.shape)
     if spec.kind == "float":
         return torch.randn(shape, generator=generator).to(spec.dtype)
+    if spec.kind == "tokens" and spec.values is not None:
+        picks = torch.randint(0, spec.values.numel(), shape, generator=generator)
+        return spec.values[picks].to(spec.dtype)
     if spec.kind == "tokens":
         return torch.randint(0, spec.high, shape, generator=generator).to(spec.dtype)
     if spec.kind == "mask":
@@ -482,11 +529,12 @@ def assert_equivalent(
             raise AssertionError(f"not equivalent on the example inputs: {first}")
 
     strategy = inputs(graph, max_size=max_size)
+    side = "candidate" if graph is candidate else "reference"
     count = max_examples if max_examples is not None else settings().max_examples
     if currently_in_test_context():
         # Inside a user's own @given test (over model configs, say), a nested @given would be
         # refused by hypothesis; draw from the same distribution with a seeded generator.
-        _check_plain(reference, candidate, graph, count, max_size, rtol, atol)
+        _check_plain(reference, candidate, graph, count, max_size, rtol, atol, side)
         return first if first is not None else _EMPTY
 
     @settings(
@@ -497,7 +545,7 @@ def assert_equivalent(
     )
     @given(drawn=strategy)
     def check(drawn: tuple[torch.Tensor, ...]) -> None:
-        report = compare(reference, candidate, drawn, rtol=rtol, atol=atol)
+        report = compare(reference, candidate, drawn, rtol=rtol, atol=atol, inputs_of=side)
         if not report.ok:
             raise AssertionError(f"not equivalent on inputs of shapes {_shapes(drawn)}: {report}")
 
@@ -520,6 +568,7 @@ def _check_plain(
     max_size: int,
     rtol: float | None,
     atol: float | None,
+    side: str = "candidate",
 ) -> None:
     specs = input_specs(graph)
     bounds = _dim_bounds(graph, specs, trace_info(graph), max_size)
@@ -530,7 +579,7 @@ def _check_plain(
         padding = rng.choice(["none", "left", "right"])
         generator = torch.Generator().manual_seed(seed)
         drawn = tuple(_make(spec, sizes, padding, generator) for spec in specs)
-        report = compare(reference, candidate, drawn, rtol=rtol, atol=atol)
+        report = compare(reference, candidate, drawn, rtol=rtol, atol=atol, inputs_of=side)
         if not report.ok:
             raise AssertionError(
                 f"not equivalent on inputs of shapes {_shapes(drawn)} (sizes {sizes}, seed {seed}, "
