@@ -5,9 +5,9 @@ Three measurements, all in one run:
 * the embedded model trimmed on growing prefixes of its calibration text (the rebuilt tokenizer
   encodes each prefix identically; how much held-out text still encodes identically; perplexity of
   the trimmed graph vs the original renormalized over the kept ids, which must agree);
-* GPT-2-small shapes (vocabulary 50257, width 768, 12 layers, random weights) trimmed to keep-sets
-  of 2k..40k ids drawn from a Zipf distribution (how natural text uses a vocabulary): parameters,
-  bytes, and the ONNX file size of the whole model;
+* GPT-2 small (vocabulary 50257, width 768, 12 layers, 124M parameters, random weights) trimmed
+  to keep-sets of 2k..40k ids drawn from a Zipf distribution (how natural text uses a
+  vocabulary): parameters, bytes, and the ONNX file size of the whole model;
 * ONNX Runtime latency of the LM head alone (768 -> vocabulary) at T=256 before and after,
   interleaved, medians.
 
@@ -34,7 +34,9 @@ from rewriter.families import ModelSpec
 from rewriter.metrics import perplexity_of_ids
 
 onnx = rewriter.backends.onnx
-GPT2_SMALL = ModelSpec("gpt2", layers=12, heads=12, head_dim=64, vocab=50257, max_positions=1024)
+GPT2_SMALL = ModelSpec(
+    "gpt2", layers=12, heads=12, head_dim=64, vocab=50257, max_positions=1024, ffn_mult=4
+)
 
 
 def _quiet(**data: object) -> rewriter.PassContext:

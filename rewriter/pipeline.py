@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import time
 import types
@@ -280,7 +281,15 @@ class Report:
         table = Table(title=title)
         for column in ("pass", "time", "rewrites", "max abs err", "status", "notes"):
             table.add_column(column, justify="right" if column in ("time", "rewrites") else "left")
-        metric_keys = sorted({k for r in self.records for k, v in r.metrics.items() if _scalar(v)})
+        # Metrics several passes report (perplexity after each pass) get columns; what one pass
+        # alone reports goes into its notes cell unless its notes tell it already (report.json
+        # has everything), so the table stays readable.
+        counts: dict[str, int] = {}
+        for r in self.records:
+            for k, v in r.metrics.items():
+                if _scalar(v):
+                    counts[k] = counts.get(k, 0) + 1
+        metric_keys = sorted(k for k, n in counts.items() if n > 1 or k == "ppl")
         for key in metric_keys:
             table.add_column(key, justify="right")
         for record in self.records:
@@ -291,7 +300,16 @@ class Report:
                 str(record.rewrites),
                 "-" if record.error is None else f"{record.error.max_abs:.2e}",
                 status,
-                "; ".join(record.notes),
+                "; ".join(
+                    [
+                        *record.notes,
+                        *(
+                            f"{k} {_format_metric(v)}"
+                            for k, v in record.metrics.items()
+                            if _scalar(v) and k not in metric_keys and not record.notes
+                        ),
+                    ]
+                ),
             ]
             row += [_format_metric(record.metrics.get(k)) for k in metric_keys]
             table.add_row(*row)
@@ -482,8 +500,9 @@ class _Evaluation:
 
     The data's ids are those of the pipeline's input graph. A graph whose vocabulary a pass
     trimmed gets them renumbered when every token was kept; otherwise text is encoded again with
-    the rebuilt tokenizer (a new segmentation, so the number is per new token), and a graph
-    that still takes original ids gets them as they are (removed targets are not counted).
+    the rebuilt tokenizer and the perplexity is of the text's likelihood per original token (so
+    the column stays comparable), and a graph that still takes original ids gets them as they
+    are (removed targets are not counted).
     """
 
     def __init__(self, ctx: PassContext, gm: torch.fx.GraphModule) -> None:
@@ -497,7 +516,14 @@ class _Evaluation:
         from rewriter.metrics import perplexity_of_ids
 
         ids = self._ids_for(vocab.vocab_map(gm))
-        return {} if ids is None else {"ppl": perplexity_of_ids(gm, ids)}
+        if ids is None:
+            return {}
+        ppl = perplexity_of_ids(gm, ids)
+        if ids.numel() != self.ids.numel():
+            # Text encoded again with a rebuilt tokenizer: a different number of tokens. The
+            # text's total log-likelihood per *original* token keeps the column comparable.
+            ppl = math.exp(math.log(ppl) * (ids.numel() - 1) / (self.ids.numel() - 1))
+        return {"ppl": ppl}
 
     def _ids_for(self, target: vocab.VocabMap | None) -> torch.Tensor | None:
         assert self.ids is not None

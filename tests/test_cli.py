@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import sys
 
+import rewriter
 from rewriter.cli import main
 from rewriter.families import ModelSpec
 
@@ -119,3 +120,16 @@ def test_run_refuses_remote_code_and_bad_specs(tmp_path, capsys) -> None:
         _run("--model", "no/such/thing", "--passes", "canonicalize", "--out", str(tmp_path / "q"))
         == 2
     )
+
+
+def test_run_writes_the_rebuilt_tokenizer_after_vocab_trim(tmp_path) -> None:
+    from transformers import AutoTokenizer
+
+    out = tmp_path / "out"
+    assert main(["run", "--model", "tiny-gpt2", "--passes", "vocab-trim", "--out", str(out)]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["ok"] and report["vocab"]["kept"] < report["vocab"]["of"] == 4096
+    tokenizer = AutoTokenizer.from_pretrained(out / "tokenizer")
+    assert len(tokenizer) == report["vocab"]["kept"]
+    loaded = rewriter.load(out / "model.pt2")
+    assert rewriter.vocab.vocab_map(loaded).size == len(tokenizer)
