@@ -37,8 +37,8 @@ import torch.fx
 from rewriter.context import PassContext
 from rewriter.driver import Rewriter
 from rewriter.errors import describe_node
-from rewriter.folding import fold_affine, linear_readers, norm_units
-from rewriter.graph import prune_dead_get_attrs
+from rewriter.folding import NormUnit, fold_affine, linear_readers, norm_units, reader_key
+from rewriter.graph import LinearMap, prune_dead_get_attrs
 from rewriter.pipeline import Pass, PassResult
 
 __all__ = ["FoldNormPass"]
@@ -66,8 +66,13 @@ class FoldNormPass(Pass):
             return PassResult(gm, changed=False, notes=notes)
         prune_dead_get_attrs(gm)
         rw = Rewriter(gm, pass_name=self.name)
+        # One norm module applied more than once (a shared layer; the prefix and last-token
+        # halves of a step graph) folds once into the weights its applications share.
+        groups: dict[tuple[object, ...], list[tuple[NormUnit, list[LinearMap]]]] = {}
         for unit, readers in plans:
-            fold_affine(rw, unit, readers, rule="fold-into-reader")
+            groups.setdefault(_module_key(unit, readers), []).append((unit, readers))
+        for (unit, readers), *also in groups.values():
+            fold_affine(rw, unit, readers, rule="fold-into-reader", also=also)
         rw.finish()
         stats = dict(rw.counters)
         stats["norms-folded"] = sum(not unit.frozen for unit, _ in plans)
@@ -75,6 +80,12 @@ class FoldNormPass(Pass):
         if frozen:
             stats["frozen-norms-folded"] = frozen
         return PassResult(gm, changed=True, stats=stats, notes=notes)
+
+
+def _module_key(unit: NormUnit, readers: list[LinearMap]) -> tuple[object, ...]:
+    """Equal for applications of one norm module whose readers are one set of linear modules."""
+    tensors = tuple(str(t.target) if t is not None else None for t in (unit.gamma, unit.beta))
+    return (*tensors, unit.frozen, unit.centers, frozenset(reader_key(r) for r in readers))
 
 
 def _foldable_affine(unit: object) -> bool:

@@ -68,6 +68,7 @@ from rewriter.graph import (
     LinearMap,
     as_linear,
     copy_graph_module,
+    feed,
     is_lm_head,
     linear_maps,
     module_path,
@@ -159,9 +160,10 @@ class L1QuantPass(Pass):
             after = sum(v["bytes_after"] for v in per_layer.values())
             metrics["weight_bytes_before"], metrics["weight_bytes_after"] = before, after
             metrics["weight_bytes_ratio"] = after / before
+            uses = f" ({len(targets)} applications)" if len(targets) != len(bit_map) else ""
             notes.append(
-                f"{len(targets)} linear maps to {_bits_summary(bit_map)}, group {self.group}: "
-                f"weights {before / 2**20:.2f} -> {after / 2**20:.2f} MiB"
+                f"{len(bit_map)} linear maps{uses}: {_bits_summary(bit_map)}, group "
+                f"{self.group}: weights {before / 2**20:.2f} -> {after / 2**20:.2f} MiB"
             )
         metrics.update(judge.perplexity("after", gm))
         return PassResult(gm, changed=True, stats=stats, notes=notes, metrics=metrics)
@@ -211,7 +213,7 @@ class L1QuantPass(Pass):
                 description="l1quant: calibration",
                 enabled=ctx.progress,
             ):
-                for unit, value in zip(units, probe(batch)):
+                for unit, value in zip(units, feed(probe, batch)):
                     ratio = _sigma_over_mad(unit, value)
                     sums[unit.norm.name][0] += float(ratio.pow(2).sum())
                     sums[unit.norm.name][1] += float(ratio.sum())
@@ -466,7 +468,7 @@ class _Judge:
         self.reference_logits = None
         if self.batch is not None:
             with torch.no_grad():
-                self.reference_logits = logits_of(reference(self.batch)).float()
+                self.reference_logits = logits_of(feed(reference, self.batch)).float()
         self.ppl_of_input = self.ppl(reference) if self.ids is not None else math.nan
 
     def ppl(self, gm: torch.fx.GraphModule) -> float:
@@ -483,7 +485,9 @@ class _Judge:
         if self.batch is None or self.reference_logits is None:
             return None
         with torch.no_grad():
-            return float((logits_of(gm(self.batch)).float() - self.reference_logits).abs().max())
+            return float(
+                (logits_of(feed(gm, self.batch)).float() - self.reference_logits).abs().max()
+            )
 
     def linear_inputs(
         self, gm: torch.fx.GraphModule, targets: list[LinearMap]
@@ -493,7 +497,7 @@ class _Judge:
             return {}
         probe = with_outputs(gm, [t.input for t in targets])
         with torch.no_grad():
-            values = probe(self.batch)
+            values = feed(probe, self.batch)
         return {_linear_label(t): v.detach() for t, v in zip(targets, values)}
 
 

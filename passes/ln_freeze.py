@@ -43,7 +43,7 @@ from rewriter.context import PassContext, progress
 from rewriter.driver import Rewriter
 from rewriter.errors import RewriterError
 from rewriter.folding import NormUnit, norm_units
-from rewriter.graph import copy_graph_module, module_path, weight_name_for, with_outputs
+from rewriter.graph import copy_graph_module, feed, module_path, weight_name_for, with_outputs
 from rewriter.metrics import perplexity_of_ids
 from rewriter.pipeline import Pass, PassResult, option
 from rewriter.spec import Budget
@@ -257,7 +257,7 @@ def _calibrate(
         for batch in progress(
             batches, total=len(batches), description="ln-freeze: calibration", enabled=show
         ):
-            for unit, value in zip(units, probe(batch)):
+            for unit, value in zip(units, feed(probe, batch)):
                 samples[unit.norm].append(_normalizer(unit, value))
     sigmas = {}
     for unit in units:
@@ -315,13 +315,13 @@ class _Judge:
         self.show = ctx.progress
         self.batch = batches[0]
         with torch.no_grad():
-            self.reference_logits = logits_of(reference(self.batch)).float()
+            self.reference_logits = logits_of(feed(reference, self.batch)).float()
 
     def metric(self, name: str, gm: torch.fx.GraphModule) -> float:
         if name == "err":
             with torch.no_grad():
                 return float(
-                    (logits_of(gm(self.batch)).float() - self.reference_logits).abs().max()
+                    (logits_of(feed(gm, self.batch)).float() - self.reference_logits).abs().max()
                 )
         assert self.ids is not None
         ppl = perplexity_of_ids(gm, self.ids)
@@ -370,7 +370,7 @@ def _objective(
 
     def kd(logits: torch.Tensor, batch: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
-            target = torch.log_softmax(logits_of(teacher(batch)).float(), -1)
+            target = torch.log_softmax(logits_of(feed(teacher, batch)).float(), -1)
         student = torch.log_softmax(logits.float(), -1)
         width = student.shape[-1]
         return torch.nn.functional.kl_div(

@@ -48,8 +48,8 @@ def register_pass(cls: type) -> type:
 
 
 def __getattr__(name: str) -> object:
-    # Heavier parts load on first use: rewriter.backends, rewriter.zoo, rewriter.metrics.
-    if name in ("backends", "zoo", "metrics", "passes"):
+    # Heavier parts load on first use: rewriter.backends, rewriter.zoo, rewriter.metrics, ...
+    if name in ("backends", "zoo", "metrics", "passes", "deploy"):
         import importlib
 
         return importlib.import_module(f"rewriter.{name}")

@@ -43,23 +43,36 @@ _NORMS = set(NORM_OPS) | {torch.ops.rewriter.crms_norm.default}
 def center_writers(rw: Rewriter, stream: ResidualStream) -> dict[torch.fx.Node, torch.fx.Node]:
     """Make every writer of ``stream`` zero-mean over the last dim (weights, or an explicit op).
 
+    Writers that read the same stored tensor (one module applied twice: a shared layer, or the
+    prefix and last-token halves of a step graph) are centered together, once: they keep
+    sharing one tensor, and only readers that are not writers get an untied copy.
     Returns, for writers centered by an explicit op, the node that now feeds the stream.
     """
     explicit: dict[torch.fx.Node, torch.fx.Node] = {}
+    linear: dict[tuple[str, str | None, str], list[Writer]] = {}
+    tables: dict[str, list[Writer]] = {}
     for writer in stream.writers:
         if writer.kind == "linear":
-            _center_linear(rw, writer)
+            lin = writer.linear
+            assert lin is not None
+            linear.setdefault((lin.weight_name, lin.bias_name, lin.layout), []).append(writer)
         elif writer.kind in ("embedding", "tensor"):
-            _center_table(rw, writer)
+            node = writer.table if writer.kind == "embedding" else writer.node
+            assert node is not None
+            tables.setdefault(str(node.target), []).append(writer)
         else:
             explicit[writer.node] = _center_explicitly(rw, writer)
+    for group in linear.values():
+        _center_linear(rw, group)
+    for group in tables.values():
+        _center_table(rw, group)
     return explicit
 
 
-def _center_linear(rw: Rewriter, writer: Writer) -> None:
-    lin = writer.linear
-    assert lin is not None
-    weight_node = untie_for(rw, lin.weight, [lin.node])
+def _center_linear(rw: Rewriter, writers: list[Writer]) -> None:
+    lins = [w.linear for w in writers if w.linear is not None]
+    lin = lins[0]
+    weight_node = untie_for(rw, lin.weight, [x.node for x in lins])
     weight = str(weight_node.target)
     if lin.layout == "out_in":  # rows are outputs: subtract the mean over rows (per column)
         out = lin.out_features
@@ -78,16 +91,20 @@ def _center_linear(rw: Rewriter, writer: Writer) -> None:
         )
     rw.apply(edit)
     if lin.bias is not None:
-        bias_node = untie_for(rw, lin.bias, [lin.node if lin.output is lin.node else lin.output])
+        readers = [x.node if x.output is x.node else x.output for x in lins]
+        bias_node = untie_for(rw, lin.bias, readers)
         bias = str(bias_node.target)
         rw.apply(Edit(bias, (bias,), lambda b: (v := b.whole(bias)) - v.mean(), note="center bias"))
-    rw.counters[f"center-{lin.layout}-linear"] += 1
+    rw.counters[f"center-{lin.layout}-linear"] += len(lins)
 
 
-def _center_table(rw: Rewriter, writer: Writer) -> None:
-    node = writer.table if writer.kind == "embedding" else writer.node
+def _center_table(rw: Rewriter, writers: list[Writer]) -> None:
+    first = writers[0]
+    node = first.table if first.kind == "embedding" else first.node
     assert node is not None
-    users = [writer.node] if writer.kind == "embedding" else list(writer.node.users)
+    users: list[torch.fx.Node] = []
+    for writer in writers:
+        users += [writer.node] if writer.kind == "embedding" else list(writer.node.users)
     owned = untie_for(rw, node, users)
     name = str(owned.target)
     rw.apply(
@@ -98,7 +115,7 @@ def _center_table(rw: Rewriter, writer: Writer) -> None:
             note="center rows",
         )
     )
-    rw.counters[f"center-{writer.kind}"] += 1
+    rw.counters[f"center-{first.kind}"] += len(writers)
 
 
 def _center_explicitly(rw: Rewriter, writer: Writer) -> torch.fx.Node:

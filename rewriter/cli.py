@@ -13,7 +13,8 @@
 ``rewriter demo [--out DIR]``
     ``make demo``: the embedded model through the default pipeline, verified against the
     original with hypothesis-drawn inputs, exported to ONNX Runtime and checked, with time,
-    rewrites, error and perplexity per pass; artifacts in ``out/demo`` (replaced on each run).
+    rewrites, error and perplexity per pass; then greedy samples with a KV cache from the model
+    and from its rewrite; artifacts in ``out/demo`` (replaced on each run).
 """
 
 from __future__ import annotations
@@ -351,8 +352,46 @@ def _demo(out: Path, spec: str, examples: int) -> int:
     summary = _rewrite(
         loaded, spec, out, loaded.calibration_text, loaded.eval_text, "onnx", examples=examples
     )
+    summary["samples"] = _samples(loaded, spec)
+    (out / "report.json").write_text(json.dumps(summary, indent=2, default=str))
     print(f"artifacts in {out}/: " + ", ".join(sorted(p.name for p in out.iterdir())))
     return 0 if summary["ok"] else 1
+
+
+DEMO_PROMPTS = ("def read_config(path):\n    ", "Return the number of")
+
+
+def _samples(loaded: _Loaded, spec: str, new_tokens: int = 24) -> list[dict[str, Any]]:
+    """Greedy continuations of a few prompts by the model and by its rewrite, decoded with a KV
+    cache (the rewrite runs on the model's step graph, cut into prefill and decode graphs)."""
+    import torch
+
+    import rewriter
+    from rewriter import deploy
+
+    ids = torch.tensor(loaded.tokenizer.encode(loaded.calibration_text[:2000])[:16]).view(2, 8)
+    step = deploy.trace_causal_lm(loaded.model, ids)
+    ctx = rewriter.PassContext(
+        calibration=loaded.calibration_text, tokenizer=loaded.tokenizer, measure_error=False
+    )
+    rewritten = rewriter.Pipeline.parse(spec).run(step, ctx).graph_module
+    before = deploy.generate(deploy.split(step), loaded.tokenizer, DEMO_PROMPTS, new_tokens)
+    after = deploy.generate(deploy.split(rewritten), loaded.tokenizer, DEMO_PROMPTS, new_tokens)
+    rows = []
+    for i, prompt in enumerate(DEMO_PROMPTS):
+        same = bool(torch.equal(before.tokens[i], after.tokens[i]))
+        rows.append(
+            {
+                "prompt": prompt,
+                "original": before.texts[i] if before.texts else "",
+                "rewritten": after.texts[i] if after.texts else "",
+                "same_tokens": same,
+            }
+        )
+        print(f"prompt    {prompt!r}")
+        print(f"original  {rows[-1]['original']!r}")
+        print(f"rewritten {rows[-1]['rewritten']!r}  ({'same tokens' if same else 'differs'})")
+    return rows
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ first, and the other use keeps the original tensor.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 
 import torch
 import torch.fx
@@ -31,6 +32,7 @@ __all__ = [
     "fold_affine",
     "linear_readers",
     "norm_units",
+    "reader_key",
     "untie_for",
 ]
 
@@ -184,61 +186,94 @@ def untie_for(rw: Rewriter, get_attr: torch.fx.Node, users: list[torch.fx.Node])
     return rw.untie(get_attr, users, name_hint=wanted)
 
 
-def _own_weight(rw: Rewriter, lin: LinearMap) -> LinearMap:
-    weight = untie_for(rw, lin.weight, [lin.node])
+def _own_weight(rw: Rewriter, group: Sequence[LinearMap]) -> LinearMap:
+    """The first map of ``group`` (maps over one weight), its weight and bias read by the group
+    only (untied from any other reader)."""
+    lin = group[0]
+    weight = untie_for(rw, lin.weight, [g.node for g in group])
     if lin.bias is not None:
-        untie_for(rw, lin.bias, [lin.output if lin.output is not lin.node else lin.node])
+        untie_for(rw, lin.bias, [g.output if g.output is not g.node else g.node for g in group])
     refreshed = as_linear(lin.node)
     assert refreshed is not None and refreshed.weight is weight
     return refreshed
 
 
-def ensure_bias(rw: Rewriter, lin: LinearMap) -> LinearMap:
-    """Give a bias-free linear map a zero bias (a ``get_attr`` named after its module)."""
+def ensure_bias(rw: Rewriter, lin: LinearMap, also: Sequence[LinearMap] = ()) -> LinearMap:
+    """Give a bias-free linear map a zero bias (a ``get_attr`` named after its module).
+
+    ``also``: other maps over the same weight (the module applied again) that get the same
+    bias tensor, so they keep computing the same function.
+    """
     if lin.bias is not None:
         return lin
     dtype = rw.store.dtype(lin.weight_name)
     zeros = torch.zeros(lin.out_features, dtype=dtype)
     bias = rw.add_weight(weight_name_for(lin.node, "bias"), zeros, rule="create-bias")
-    if lin.node.target == aten.linear.default:
-        rw.set_arg(lin.node, 2, bias, rule="create-bias")
-    else:  # mm / matmul: add the bias after the product
-        users = list(lin.node.users)
-        after = lin.node.next
-        added = rw.call(
-            aten.add.Tensor, (lin.node, bias), before=after, rule="create-bias", meta_from=lin.node
-        )
-        for user in users:
-            user.replace_input_with(lin.node, added)
+    for each in (lin, *also):
+        _attach_bias(rw, each, bias)
     refreshed = as_linear(lin.node)
     assert refreshed is not None and refreshed.bias is not None
     return refreshed
 
 
+def _attach_bias(rw: Rewriter, lin: LinearMap, bias: torch.fx.Node) -> None:
+    if lin.node.target == aten.linear.default:
+        rw.set_arg(lin.node, 2, bias, rule="create-bias")
+        return
+    users = list(lin.node.users)  # mm / matmul: add the bias after the product
+    after = lin.node.next
+    added = rw.call(
+        aten.add.Tensor, (lin.node, bias), before=after, rule="create-bias", meta_from=lin.node
+    )
+    for user in users:
+        user.replace_input_with(lin.node, added)
+
+
 def fold_affine(
-    rw: Rewriter, unit: NormUnit, readers: list[LinearMap], *, rule: str = "fold-affine"
+    rw: Rewriter,
+    unit: NormUnit,
+    readers: list[LinearMap],
+    *,
+    rule: str = "fold-affine",
+    also: Sequence[tuple[NormUnit, list[LinearMap]]] = (),
 ) -> None:
     """Fold ``unit``'s gamma and beta into every reader, then drop them from the norm.
 
     For a frozen unit the centering folds too (``W C``: each reader row loses its mean over the
     inputs) and the unit disappears: its readers read its input.
+
+    ``also``: the same norm module applied elsewhere (same gamma and beta) with readers over the
+    same weights (a shared layer; the two halves of a step graph). Their readers share the one
+    folded weight instead of each getting an untied copy.
     """
     gamma = str(unit.gamma.target) if unit.gamma is not None else None
     beta = str(unit.beta.target) if unit.beta is not None else None
-    for reader in readers:
-        reader = _own_weight(rw, reader)
+    groups: dict[tuple[str, str | None, str], list[LinearMap]] = {}
+    for reader in [*readers, *(r for _, more in also for r in more)]:
+        current = as_linear(reader.node)  # an earlier fold may have untied it: look again
+        assert current is not None
+        groups.setdefault(reader_key(current), []).append(current)
+    for group in groups.values():
+        reader = _own_weight(rw, group)
         if beta is not None:
-            reader = ensure_bias(rw, reader)
+            reader = ensure_bias(rw, reader, also=group[1:])
             rw.apply(bias_fold_edit(reader, beta))  # reads the weight before gamma scales it
         if gamma is not None:
             rw.apply(_weight_edit(reader, gamma))
         if unit.centers:
             rw.apply(_center_inputs_edit(reader))
-        rw.counters[rule] += 1
-    if unit.frozen:
-        rw.replace(unit.output, unit.input, rule="drop-frozen-norm")
-    else:
-        _drop_affine(rw, unit, rule)
+        rw.counters[rule] += len(group)
+    for each in (unit, *(u for u, _ in also)):
+        if each.frozen:
+            rw.replace(each.output, each.input, rule="drop-frozen-norm")
+        else:
+            _drop_affine(rw, each, rule)
+
+
+def reader_key(lin: LinearMap) -> tuple[str, str | None, str]:
+    """Maps with equal keys compute the same function of their input (same weight, bias,
+    layout): a module applied more than once."""
+    return (lin.weight_name, lin.bias_name, lin.layout)
 
 
 def _center_inputs_edit(lin: LinearMap) -> Edit:

@@ -71,6 +71,27 @@ def copy_graph_module(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
     return new
 
 
+_DEFAULT_INPUTS = ("attention_mask", "position_ids")
+
+
+def feed(gm: torch.fx.GraphModule, batch: Any) -> Any:
+    """Call ``gm`` on a calibration batch: a [B, T] id tensor or a dict of named inputs.
+
+    Token-model inputs the batch leaves out are filled the way a full, unpadded sequence has
+    them: ``attention_mask`` all ones, ``position_ids`` counted from the mask (the step graphs of
+    :mod:`rewriter.deploy` take both). Any other missing input is the caller's error.
+    """
+    names = [str(n.target) for n in gm.graph.find_nodes(op="placeholder")]
+    given = dict(batch) if isinstance(batch, dict) else {names[0]: batch}
+    given = {k: v for k, v in given.items() if k in names}
+    if "attention_mask" in names and "attention_mask" not in given:
+        given["attention_mask"] = torch.ones_like(given[names[0]])
+    if "position_ids" in names and "position_ids" not in given:
+        mask = given["attention_mask"].long()
+        given["position_ids"] = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
+    return gm(**given)
+
+
 def with_outputs(gm: torch.fx.GraphModule, nodes: list[torch.fx.Node]) -> torch.fx.GraphModule:
     """A copy of ``gm`` whose call returns the values of ``nodes`` (a tuple), for calibration.
 

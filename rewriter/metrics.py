@@ -15,6 +15,7 @@ import torch
 import torch.fx
 import torch.nn.functional as F
 
+from rewriter.graph import feed
 from rewriter.trace import max_positions, trace_info
 from rewriter.train import logits_of
 
@@ -44,7 +45,7 @@ def _context_of(model: torch.nn.Module, default: int = 256) -> int:
 @torch.no_grad()
 def _logits(model: torch.nn.Module, batch: torch.Tensor) -> torch.Tensor:
     if isinstance(model, torch.fx.GraphModule):
-        return logits_of(model(batch))
+        return logits_of(feed(model, batch))
     kwargs = {"use_cache": False} if hasattr(getattr(model, "config", None), "use_cache") else {}
     return logits_of(model(batch, **kwargs))
 

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 
 from rewriter.context import progress
 from rewriter.errors import RewriterError
+from rewriter.graph import feed
 from rewriter.store import ModuleStore
 from rewriter.trace import trace_info
 from rewriter.verify import outputs
@@ -229,12 +230,11 @@ def _ids_and_mask(batch: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
 
 
 def _forward(gm: torch.fx.GraphModule, batch: Any, info: Any) -> Any:
-    if isinstance(batch, dict):
-        return gm(**batch)
-    if isinstance(batch, torch.Tensor):
-        inputs: Iterable[torch.Tensor] = (batch,)
-    else:
-        inputs = batch[0] if isinstance(batch[0], (tuple, list)) else (batch[0],)
+    if isinstance(batch, (dict, torch.Tensor)):
+        return feed(gm, batch)  # fills an attention mask / position ids the batch leaves out
+    inputs: Iterable[torch.Tensor] = (
+        batch[0] if isinstance(batch[0], (tuple, list)) else (batch[0],)
+    )
     inputs = tuple(inputs)
     if info is not None and len(inputs) == len(info.input_names):
         args, kwargs = info.call_inputs(inputs)

@@ -373,6 +373,7 @@ def _embedding_rows(node: torch.fx.Node) -> int | None:
                 aten.clone.default,
                 aten.alias.default,
                 aten.slice.Tensor,
+                torch.ops.rewriter.step_part.default,
             ):
                 stack.append(user)
     return min(rows) if rows else None

@@ -23,6 +23,7 @@ from typing import Any, Literal
 import torch
 import torch.fx
 
+import rewriter.ops  # noqa: F401 - the marker ops named below
 from rewriter.errors import PreconditionError
 from rewriter.graph import as_linear, is_metadata_reader, is_transparent
 
@@ -342,6 +343,7 @@ _ID_VIEWS = {
     aten.contiguous.default,
     aten._to_copy.default,
     aten.to.dtype,
+    torch.ops.rewriter.step_part.default,
 }
 """Ops that move or select ids without changing their values (any shape change is fine: a
 lookup is elementwise in the ids)."""
@@ -507,6 +509,10 @@ def _passes_logits(user: torch.fx.Node, source: torch.fx.Node, use: VocabUse) ->
         return is_transparent(user)
     if is_transparent(user):
         return True
+    if user.target == aten.cat.default:  # logits of several parts joined along time
+        dim = user.args[1] if len(user.args) > 1 else 0
+        rank = source.meta["val"].dim()
+        return dim % rank != rank - 1
     if user.target in _ELEMENTWISE_UNARY:
         return user.args[0] is source
     if user.target in _ELEMENTWISE_BINARY:

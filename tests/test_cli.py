@@ -28,6 +28,9 @@ def test_demo_writes_its_artifacts_and_can_run_twice(tmp_path, capsys) -> None:
     assert summary["ok"] and summary["hypothesis_examples"] == 2
     assert summary["report"]["passes"][0]["error"]["ok"] is True
     assert summary["report"]["baseline"]["ppl"] > 1 and summary["onnx"]["check"]["ok"]
+    # greedy samples with a KV cache: the default pipeline is exact, so the tokens agree
+    assert len(summary["samples"]) == 2 and all(s["same_tokens"] for s in summary["samples"])
+    assert "rewritten" in printed and summary["samples"][0]["original"]
     assert {p.name for p in out.iterdir()} == {
         "graph.txt",
         "model.onnx",

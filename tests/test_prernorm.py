@@ -240,10 +240,13 @@ def test_mistake_centering_conv1d_as_if_it_were_linear(monkeypatch) -> None:
 
     original = centering._center_linear
 
-    def as_linear_layout(rw, writer):
+    def as_linear_layout(rw, writers):
         return original(
             rw,
-            dataclasses.replace(writer, linear=dataclasses.replace(writer.linear, layout="out_in")),
+            [
+                dataclasses.replace(w, linear=dataclasses.replace(w.linear, layout="out_in"))
+                for w in writers
+            ],
         )
 
     _caught(
@@ -268,9 +271,9 @@ def test_mistake_not_centering_the_position_embedding(monkeypatch) -> None:
 
     original = centering._center_table
 
-    def skip_positions(rw, writer):
-        if "wpe" not in str(writer.table.target):
-            original(rw, writer)
+    def skip_positions(rw, writers):
+        if "wpe" not in str(writers[0].table.target):
+            original(rw, writers)
 
     _caught(
         monkeypatch,
@@ -285,9 +288,13 @@ def test_mistake_not_centering_the_biases(monkeypatch) -> None:
 
     original = centering._center_linear
 
-    def no_bias(rw, writer):
+    def no_bias(rw, writers):
         return original(
-            rw, dataclasses.replace(writer, linear=dataclasses.replace(writer.linear, bias=None))
+            rw,
+            [
+                dataclasses.replace(w, linear=dataclasses.replace(w.linear, bias=None))
+                for w in writers
+            ],
         )
 
     _caught(

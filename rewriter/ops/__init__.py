@@ -16,6 +16,9 @@ Ops (one module per family):
   window, scale, eps)`` (:mod:`.attention`): kernelized attention over feature maps, with an
   optional softmax window sharing the normalizer (LoLCATs) and per-head decay; quadratic,
   chunked and recurrent forms.
+* ``rewriter::step_part(x, part)`` and ``rewriter::cache_point(x, layer, kind)``
+  (:mod:`.deploy`): slicing and identity that mark where a causal LM's step graph is cut into
+  prefill and decode graphs (:mod:`rewriter.deploy`).
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from rewriter.ops.contract import (
     register,
     rewriter_nodes,
 )
+from rewriter.ops.deploy import cache_point, step_part
 from rewriter.ops.norms import GAUSSIAN_FACTOR, crms_norm, l1_norm
 from rewriter.ops.quant import shiftquant_linear
 
@@ -37,6 +41,7 @@ __all__ = [
     "GAUSSIAN_FACTOR",
     "OPS",
     "OpContract",
+    "cache_point",
     "check_lowerable",
     "crms_norm",
     "decompose",
@@ -46,4 +51,5 @@ __all__ = [
     "register",
     "rewriter_nodes",
     "shiftquant_linear",
+    "step_part",
 ]

@@ -1,0 +1,162 @@
+"""Deployment of causal LMs: the step graph, its cut into prefill and decode graphs, and greedy
+generation that reproduces Hugging Face ``generate`` token for token, in torch and ORT."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import rewriter
+from rewriter import deploy, verify, vocab, zoo
+from rewriter.families import ModelSpec
+
+
+def _hf_greedy(model, ids, mask, new: int, eos: int | None = None) -> torch.Tensor:
+    with torch.no_grad():
+        out = model.generate(
+            input_ids=ids,
+            attention_mask=mask,
+            max_new_tokens=new,
+            do_sample=False,
+            pad_token_id=0 if eos is None else eos,
+            eos_token_id=eos,
+        )
+    return out[:, ids.shape[1] :]
+
+
+def _prompts(vocab_size: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, vocab_size, (3, 6), generator=generator)
+    mask = torch.ones_like(ids)
+    mask[0, :2] = 0  # left padding
+    mask[2, :4] = 0
+    return ids, mask
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+@pytest.mark.parametrize("spec", ["", "canonicalize,prernorm,fold-ln"])
+def test_greedy_generation_equals_hugging_face(family: str, spec: str) -> None:
+    config = ModelSpec(family, vocab=64, layers=2, seed=3)
+    model = config.build()
+    step = deploy.trace_causal_lm(model, config.example_inputs(batch=2, seq=5)[0])
+    verify.assert_equivalent(model, step, max_examples=3)
+    if spec:
+        step = rewriter.Pipeline.parse(spec).run(step).graph_module
+    graphs = deploy.split(step)
+    ids, mask = _prompts(64)
+    got = deploy.generate(graphs, None, ids, 8, attention_mask=mask).tokens
+    assert torch.equal(got, _hf_greedy(model, ids, mask, 8))
+
+
+def test_the_cut_graphs_agree_with_the_model_step_by_step() -> None:
+    config = ModelSpec("llama", vocab=48, layers=2)
+    model = config.build()
+    graphs = deploy.split(deploy.trace_causal_lm(model, config.example_inputs(batch=2, seq=4)[0]))
+    ids, mask = _prompts(48, seed=1)
+    pos = deploy.positions(mask)
+    logits, cache = graphs.run_prefill(ids, mask, pos)
+    with torch.no_grad():
+        ref = model(ids, attention_mask=mask, position_ids=pos, use_cache=True)
+    torch.testing.assert_close(logits, ref.logits, rtol=1e-5, atol=1e-5)
+    assert len(cache) == 2 * 2 and cache[0].shape[2] == ids.shape[1]
+    token = ref.logits[:, -1].argmax(-1, keepdim=True)
+    mask2 = torch.cat([mask, torch.ones_like(token)], 1)
+    step_logits, cache2 = graphs.run_decode(token, mask2, deploy.positions(mask2)[:, -1:], cache)
+    with torch.no_grad():
+        ref2 = model(
+            token,
+            attention_mask=mask2,
+            position_ids=deploy.positions(mask2)[:, -1:],
+            past_key_values=ref.past_key_values,
+            use_cache=True,
+        )
+    torch.testing.assert_close(step_logits, ref2.logits, rtol=1e-5, atol=1e-5)
+    assert cache2[0].shape[2] == ids.shape[1] + 1
+
+
+def test_prefill_and_decode_share_weights() -> None:
+    config = ModelSpec("gpt2", vocab=48)
+    model = config.build()
+    step = deploy.trace_causal_lm(model, config.example_inputs(batch=2, seq=4)[0])
+    step = rewriter.Pipeline.parse("canonicalize,prernorm,fold-ln").run(step).graph_module
+    graphs = deploy.split(step)
+    prefill = {id(t) for t in graphs.prefill.parameters()}
+    decode = {id(t) for t in graphs.decode.parameters()}
+    assert decode <= prefill | {id(t) for t in graphs.decode.buffers()}
+    # fold-ln folded each norm module once, for both halves: no weight is stored twice
+    sizes = sum(t.numel() for t in step.parameters())
+    original = sum(t.numel() for t in model.parameters())
+    assert sizes <= original + config.vocab * config.hidden  # + the untied head, nothing else
+
+
+def test_trace_causal_lm_errors() -> None:
+    model = ModelSpec("gpt2", vocab=48).build()
+    with pytest.raises(rewriter.TraceError, match="batch >= 2"):
+        deploy.trace_causal_lm(model, torch.tensor([[1, 2, 3]]))
+    with pytest.raises(rewriter.RewriterError, match="step graph"):
+        deploy.split(rewriter.trace(model, (torch.tensor([[1, 2, 3], [4, 5, 6]]),)))
+
+
+@pytest.fixture(scope="module")
+def embedded():
+    model, tokenizer = zoo.tiny_gpt2()
+    text = zoo.calibration_text()[:20_000]
+    ids = torch.tensor(tokenizer.encode(text[:2000])[:16]).view(2, 8)
+    step = deploy.trace_causal_lm(model, ids)
+    return model, tokenizer, step, text
+
+
+def _reference_texts(model, tokenizer, prompts: list[str], new: int) -> list[list[int]]:
+    rows = [tokenizer.encode(p) for p in prompts]
+    width = max(map(len, rows))
+    eot = tokenizer.eos_token_id
+    ids = torch.tensor([[eot] * (width - len(r)) + r for r in rows])
+    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
+    return _hf_greedy(model, ids, mask, new, eos=eot).tolist()
+
+
+def test_embedded_model_rewritten_generates_the_original_tokens(embedded, tmp_path) -> None:
+    pytest.importorskip("onnxruntime")
+    model, tokenizer, step, _text = embedded
+    prompts = ["def read(self, path):", "Return the", "class Parser:\n    "]
+    want = _reference_texts(model, tokenizer, prompts, 16)
+    out = rewriter.Pipeline.parse("canonicalize,prernorm,fold-ln").run(step).graph_module
+    graphs = deploy.split(out)
+    result = deploy.generate(graphs, tokenizer, prompts, 16)
+    assert result.tokens.tolist() == want
+    assert result.texts[0] == tokenizer.decode(want[0], skip_special_tokens=True)
+    ort_graphs = rewriter.backends.onnx.export_causal_lm(graphs, tmp_path)
+    for binding in (True, False):
+        ort_graphs.io_binding = binding
+        assert deploy.generate(ort_graphs, tokenizer, prompts, 16).tokens.tolist() == want
+
+
+def test_embedded_model_after_vocab_trim_generates_the_original_tokens(embedded) -> None:
+    model, tokenizer, step, text = embedded
+    ctx = rewriter.PassContext(calibration=text, tokenizer=tokenizer)
+    out = rewriter.Pipeline.parse("canonicalize,vocab-trim").run(step, ctx).graph_module
+    graphs = deploy.split(out)
+    vmap = vocab.vocab_map(graphs.prefill)
+    assert vmap is not None and vmap.tokenizer is not None
+    prompts = [text[100:140], text[900:930]]  # text the trim kept every token of
+    want = _reference_texts(model, tokenizer, prompts, 12)
+    result = deploy.generate(graphs, None, prompts, 12)  # the rebuilt tokenizer is used
+    got = vmap.to_original(result.tokens).tolist()
+    # the original's greedy tokens are kept ones whenever the argmax is a kept token; compare
+    # where the original stayed inside the kept vocabulary
+    kept = set(vmap.kept.tolist())
+    for row_got, row_want in zip(got, want):
+        prefix = next((i for i, t in enumerate(row_want) if t not in kept), len(row_want))
+        assert row_got[:prefix] == row_want[:prefix]
+        assert prefix > 0
+
+
+def test_sampling_is_seeded_and_respects_top_k(embedded) -> None:
+    _, tokenizer, step, _ = embedded
+    graphs = deploy.split(step)
+    a = deploy.generate(graphs, tokenizer, ["import "], 10, do_sample=True, seed=5, top_k=5)
+    b = deploy.generate(graphs, tokenizer, ["import "], 10, do_sample=True, seed=5, top_k=5)
+    c = deploy.generate(graphs, tokenizer, ["import "], 10, do_sample=True, seed=6, top_k=5)
+    assert torch.equal(a.tokens, b.tokens) and not torch.equal(a.tokens, c.tokens)
+    greedy = deploy.generate(graphs, tokenizer, ["import "], 10, do_sample=True, top_k=1)
+    assert torch.equal(greedy.tokens, deploy.generate(graphs, tokenizer, ["import "], 10).tokens)
