@@ -171,4 +171,18 @@ def select_targets(gm: torch.fx.GraphModule, targets: str, pass_name: str) -> li
             f"pass '{pass_name}': targets={targets!r} selects no linear map (the graph's linear "
             f"maps: {known})"
         )
+    uses: dict[str, list[LinearMap]] = {}
+    for lin in chosen:
+        uses.setdefault(lin.weight_name, []).append(lin)
+    repeated = [group for group in uses.values() if len(group) > 1]
+    if repeated:
+        # One adapter per application would train and merge each copy separately: refuse until
+        # adapters are shared across the applications of a module.
+        raise PreconditionError(
+            f"pass '{pass_name}': '{_label(repeated[0][0])}' is applied {len(repeated[0])} times "
+            "(a shared layer, or the two halves of a rewriter.deploy step graph); adapters on a "
+            "module applied more than once are not supported yet: add adapters to the model's "
+            "full-sequence trace, merge them, then trace the step graph",
+            repeated[0][1].node,
+        )
     return chosen

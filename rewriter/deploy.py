@@ -450,7 +450,19 @@ def _strip_prefix(gm: torch.fx.GraphModule, prefix: str) -> None:
         delattr(gm, prefix)
     for name, tensor in tensors.items():
         set_tensor(gm, name[len(lead) :], tensor)
+    for node in gm.graph.nodes:  # module paths too: weights passes add are named after them
+        stack = node.meta.get("nn_module_stack")
+        if stack:
+            node.meta["nn_module_stack"] = {
+                key: (_unprefixed(path, prefix), cls) for key, (path, cls) in stack.items()
+            }
     gm.recompile()
+
+
+def _unprefixed(path: str, prefix: str) -> str:
+    if path == prefix:
+        return ""
+    return path[len(prefix) + 1 :] if path.startswith(prefix + ".") else path
 
 
 # --- generation -----------------------------------------------------------------------------------

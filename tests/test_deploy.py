@@ -160,3 +160,13 @@ def test_sampling_is_seeded_and_respects_top_k(embedded) -> None:
     assert torch.equal(a.tokens, b.tokens) and not torch.equal(a.tokens, c.tokens)
     greedy = deploy.generate(graphs, tokenizer, ["import "], 10, do_sample=True, top_k=1)
     assert torch.equal(greedy.tokens, deploy.generate(graphs, tokenizer, ["import "], 10).tokens)
+
+
+def test_adapters_on_a_step_graph_are_refused_until_they_can_be_shared() -> None:
+    config = ModelSpec("gpt2", vocab=48)
+    step = deploy.trace_causal_lm(config.build(), config.example_inputs(batch=2, seq=4)[0])
+    with pytest.raises(rewriter.PassError, match="applied 2 times"):
+        rewriter.Pipeline.parse("lora(r=2)").run(step)
+    # the supported order: adapters on the full-sequence trace, merged, then the step graph
+    names = [name for name, _ in step.named_parameters()]
+    assert names and all(n.startswith(("transformer.", "lm_head.")) for n in names), names
