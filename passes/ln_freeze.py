@@ -108,9 +108,13 @@ class FreezeNormPass(Pass):
         judge = _Judge(gm, ctx, batches)
         metrics: dict[str, Any] = {}
         notes: list[str] = []
+        # One decision per norm module: a module applied more than once (a shared layer, the
+        # two halves of a deploy step graph) is frozen everywhere or nowhere, with one constant.
+        members = _by_module(units)
+        units = [group[0] for group in members.values()]
         chosen = units
         if self.budget is not None:
-            chosen, harms, evaluations = self._within_budget(gm, units, sigmas, judge)
+            chosen, harms, evaluations = self._within_budget(gm, units, sigmas, judge, members)
             metrics["evaluations"] = evaluations
             metrics["per_norm"] = {
                 _label(u): {"sigma": sigmas[u.norm], "harm": harms.get(u.norm)} for u in units
@@ -122,7 +126,7 @@ class FreezeNormPass(Pass):
                 for unit in progress(
                     units, total=len(units), description="ln-freeze: each norm", enabled=judge.show
                 ):
-                    alone = _frozen_copy(gm, [unit], sigmas, self.name)
+                    alone = _frozen_copy(gm, members[_label(unit)], sigmas, self.name)
                     metrics["per_norm"][_label(unit)]["ppl_frozen_alone"] = judge.metric(
                         "ppl", alone
                     )
@@ -134,7 +138,7 @@ class FreezeNormPass(Pass):
         teacher = (
             copy_graph_module(gm) if self.recover_steps and self.recover_loss == "kd" else None
         )
-        _freeze(gm, chosen, sigmas, self.name)
+        _freeze(gm, [u for head in chosen for u in members[_label(head)]], sigmas, self.name)
         metrics.update(judge.report("frozen", gm))
         metrics["frozen"] = [_label(u) for u in chosen]
         if self.recover_steps > 0:
@@ -174,6 +178,7 @@ class FreezeNormPass(Pass):
         units: list[NormUnit],
         sigmas: dict[torch.fx.Node, float],
         judge: _Judge,
+        members: dict[str, list[NormUnit]],
     ) -> tuple[list[NormUnit], dict[torch.fx.Node, float], int]:
         """Least harmful first; harms add in log-perplexity (loss), are confirmed, then bisected."""
         assert self.budget is not None
@@ -187,7 +192,12 @@ class FreezeNormPass(Pass):
         )
         for unit in steps:
             harms[unit.norm] = (
-                _additive(metric, judge.metric(metric, _frozen_copy(gm, [unit], sigmas, self.name)))
+                _additive(
+                    metric,
+                    judge.metric(
+                        metric, _frozen_copy(gm, members[_label(unit)], sigmas, self.name)
+                    ),
+                )
                 - start
             )
         order = sorted(units, key=lambda u: harms[u.norm])
@@ -201,7 +211,16 @@ class FreezeNormPass(Pass):
             evaluations += 1
             if (
                 _additive(
-                    metric, judge.metric(metric, _frozen_copy(gm, order[:high], sigmas, self.name))
+                    metric,
+                    judge.metric(
+                        metric,
+                        _frozen_copy(
+                            gm,
+                            [u for h in order[:high] for u in members[_label(h)]],
+                            sigmas,
+                            self.name,
+                        ),
+                    ),
                 )
                 <= limit
             ):
@@ -260,10 +279,19 @@ def _calibrate(
             for unit, value in zip(units, feed(probe, batch)):
                 samples[unit.norm].append(_normalizer(unit, value))
     sigmas = {}
-    for unit in units:
-        values = torch.cat(samples[unit.norm])
-        sigmas[unit.norm] = float(values.mean() if aggregate == "mean" else values.median())
+    for group in _by_module(units).values():  # one constant per module, over all its inputs
+        values = torch.cat([v for unit in group for v in samples[unit.norm]])
+        sigma = float(values.mean() if aggregate == "mean" else values.median())
+        sigmas.update({unit.norm: sigma for unit in group})
     return sigmas
+
+
+def _by_module(units: list[NormUnit]) -> dict[str, list[NormUnit]]:
+    """Norm units grouped by the module they apply (in graph order)."""
+    groups: dict[str, list[NormUnit]] = {}
+    for unit in units:
+        groups.setdefault(_label(unit), []).append(unit)
+    return groups
 
 
 # --- the rewrite ---------------------------------------------------------------------------------
@@ -276,21 +304,27 @@ def _freeze(
     pass_name: str,
 ) -> None:
     rw = Rewriter(gm, pass_name=pass_name)
+    scales: dict[str, torch.fx.Node] = {}  # one stored scale per module
     for unit in units:
-        _freeze_one(rw, unit, sigmas[unit.norm])
+        _freeze_one(rw, unit, sigmas[unit.norm], scales)
     rw.finish(prune_weights=True)
 
 
-def _freeze_one(rw: Rewriter, unit: NormUnit, sigma: float) -> None:
+def _freeze_one(
+    rw: Rewriter, unit: NormUnit, sigma: float, scales: dict[str, torch.fx.Node]
+) -> None:
     norm, x = unit.norm, unit.input
     dtype = norm.meta["val"].dtype
-    if unit.gamma is not None:
-        gamma = rw.store.read(str(unit.gamma.target)).to(torch.float64)
-    else:
-        gamma = torch.ones(unit.width, dtype=torch.float64)
-    scale = rw.add_weight(
-        weight_name_for(norm, "frozen_scale"), (gamma / sigma).to(dtype), rule="freeze"
-    )
+    scale = scales.get(_label(unit))
+    if scale is None:
+        if unit.gamma is not None:
+            gamma = rw.store.read(str(unit.gamma.target)).to(torch.float64)
+        else:
+            gamma = torch.ones(unit.width, dtype=torch.float64)
+        scale = rw.add_weight(
+            weight_name_for(norm, "frozen_scale"), (gamma / sigma).to(dtype), rule="freeze"
+        )
+        scales[_label(unit)] = scale
     if unit.kind == "layer":
         mean = rw.call(aten.mean.dim, (x, [-1], True), before=norm, rule="freeze", meta_from=norm)
         x = rw.call(aten.sub.Tensor, (x, mean), before=norm, rule="freeze", meta_from=norm)

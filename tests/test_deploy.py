@@ -170,3 +170,23 @@ def test_adapters_on_a_step_graph_are_refused_until_they_can_be_shared() -> None
     # the supported order: adapters on the full-sequence trace, merged, then the step graph
     names = [name for name, _ in step.named_parameters()]
     assert names and all(n.startswith(("transformer.", "lm_head.")) for n in names), names
+
+
+def test_calibrated_passes_calibrate_a_module_once_on_the_step_graph(embedded) -> None:
+    # ln-freeze pools each norm module's inputs over both halves of the step graph: the result
+    # equals freezing the full-sequence trace, and no weight is stored twice
+    model, tokenizer, step, text = embedded
+    ids = step.meta["rewriter.trace"].example_inputs[0]
+    full = rewriter.trace(model, (ids,), dynamic_shapes="auto")
+    ctx = rewriter.PassContext(calibration=text, tokenizer=tokenizer, progress=False)
+    spec = "ln-freeze(norms='.*ln_1',calibration_batches=2),fold-ln"
+    a = rewriter.Pipeline.parse(spec).run(full, ctx).graph_module
+    b = rewriter.Pipeline.parse(spec).run(step, ctx).graph_module
+    mask = torch.ones_like(ids)
+    with torch.no_grad():
+        want = a(ids).logits
+        got = b(ids, attention_mask=mask, position_ids=deploy.positions(mask)).logits
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    assert sum(p.numel() for p in b.parameters()) == sum(p.numel() for p in a.parameters())
+    result = deploy.generate(deploy.split(b), tokenizer, ["Return the"], 4)
+    assert result.tokens.shape == (1, 4)
