@@ -52,7 +52,7 @@ from rewriter.driver import PROVENANCE_KEY, Rewriter
 from rewriter.errors import RewriterError, describe_node
 from rewriter.graph import copy_graph_module, module_path, weight_name_for, with_outputs
 from rewriter.metrics import perplexity_of_ids
-from rewriter.pipeline import Pass, PassResult, option
+from rewriter.pipeline import Pass, PassResult, option, refuse
 from rewriter.store import weights as weights_of
 from rewriter.trace import trace_info
 from rewriter.train import _forward, train
@@ -106,6 +106,12 @@ class LinearizePass(Pass):
     def run(self, gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
         from rewriter.passes.canonicalize import CanonicalizePass
 
+        if "rewriter.step" in getattr(gm, "meta", {}):
+            raise refuse(
+                f"pass '{self.name}': this is a rewriter.deploy step graph, whose cache is keys "
+                "and values; a linearized layer's cache must be its recurrent state, which the "
+                "deploy cut does not make yet: linearize the full-sequence trace instead"
+            )
         CanonicalizePass().run(gm, ctx)  # written-out attention becomes SDPA
         sites = self._sites(gm)
         if not sites:

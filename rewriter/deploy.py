@@ -39,6 +39,7 @@ __all__ = [
     "STEP_KEY",
     "CausalLMGraphs",
     "GenerationResult",
+    "agreement",
     "generate",
     "positions",
     "split",
@@ -619,3 +620,39 @@ class _Picker:
                 scores = scores.scatter(-1, order, ordered.masked_fill(drop, -math.inf))
             index = torch.multinomial(scores.softmax(-1), 1, generator=self.generator)[:, 0]
         return index if self.back is None else self.back[index]
+
+
+def agreement(
+    reference: Any,
+    candidate: Any,
+    tokenizer: Any,
+    prompts: Sequence[str],
+    max_new_tokens: int = 32,
+) -> dict[str, Any]:
+    """How closely ``candidate`` (an approximate rewrite) generates like ``reference``, greedily.
+
+    Returns the fraction of generated positions with the same token, the mean length of the
+    common prefix (generation diverges for good after the first different token), and the
+    texts. Tokens are compared as ids of the original vocabulary (a trimmed graph's are mapped
+    back).
+    """
+    first = generate(reference, tokenizer, prompts, max_new_tokens, eos_token_id=-1)
+    second = generate(candidate, tokenizer, prompts, max_new_tokens, eos_token_id=-1)
+    a, b = _original_tokens(reference, first.tokens), _original_tokens(candidate, second.tokens)
+    same = a == b
+    prefix = [int(row.long().cumprod(0).sum()) for row in same]
+    return {
+        "token_agreement": float(same.float().mean()),
+        "common_prefix": sum(prefix) / len(prefix),
+        "common_prefix_per_prompt": prefix,
+        "new_tokens": int(a.shape[1]),
+        "reference_texts": first.texts,
+        "candidate_texts": second.texts,
+    }
+
+
+def _original_tokens(graphs: Any, tokens: torch.Tensor) -> torch.Tensor:
+    vmap = graphs.vocab
+    if vmap is None:
+        return tokens
+    return vmap.original_ids(tokens)
