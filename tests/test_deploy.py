@@ -195,7 +195,7 @@ def test_calibrated_passes_calibrate_a_module_once_on_the_step_graph(embedded) -
 def test_approximate_rewrites_report_their_token_agreement(embedded) -> None:
     _, tokenizer, step, _ = embedded
     text = zoo.eval_text()
-    prompts = [text[i : i + 60] for i in range(0, 4000, 1000)]
+    prompts = [text[i : i + 60] for i in range(0, 3000, 1000)]
     base = deploy.split(step)
     ctx = rewriter.PassContext(
         calibration=zoo.calibration_text()[:20_000], tokenizer=tokenizer, progress=False
@@ -203,7 +203,7 @@ def test_approximate_rewrites_report_their_token_agreement(embedded) -> None:
     found = {}
     for bits in (8, 3):
         out = rewriter.Pipeline.parse(f"l1quant(norm=keep,bits={bits})").run(step, ctx)
-        found[bits] = deploy.agreement(base, deploy.split(out.graph_module), tokenizer, prompts, 16)
+        found[bits] = deploy.agreement(base, deploy.split(out.graph_module), tokenizer, prompts, 12)
     # measured: 8 bits agree on every token of these prompts, 3 bits on about a quarter
     assert found[8]["token_agreement"] >= 0.9
     assert found[3]["common_prefix"] < found[8]["common_prefix"]
