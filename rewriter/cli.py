@@ -361,7 +361,7 @@ def _demo(out: Path, spec: str, examples: int) -> int:
 DEMO_PROMPTS = ("def read_config(path):\n    ", "Return the number of")
 
 
-def _samples(loaded: _Loaded, spec: str, new_tokens: int = 24) -> list[dict[str, Any]]:
+def _samples(loaded: _Loaded, spec: str, new_tokens: int = 16) -> list[dict[str, Any]]:
     """Greedy continuations of a few prompts by the model and by its rewrite, decoded with a KV
     cache (the rewrite runs on the model's step graph, cut into prefill and decode graphs)."""
     import torch
