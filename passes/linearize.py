@@ -48,6 +48,7 @@ import torch
 import torch.fx
 
 from rewriter.context import PassContext, progress
+from rewriter.deploy import STEP_KEY
 from rewriter.driver import PROVENANCE_KEY, Rewriter
 from rewriter.errors import RewriterError, describe_node
 from rewriter.graph import copy_graph_module, module_path, weight_name_for, with_outputs
@@ -106,7 +107,7 @@ class LinearizePass(Pass):
     def run(self, gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
         from rewriter.passes.canonicalize import CanonicalizePass
 
-        if "rewriter.step" in getattr(gm, "meta", {}):
+        if STEP_KEY in getattr(gm, "meta", {}):
             raise refuse(
                 f"pass '{self.name}': this is a rewriter.deploy step graph, whose cache is keys "
                 "and values; a linearized layer's cache must be its recurrent state, which the "

@@ -32,14 +32,13 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-from collections.abc import Sequence
 from typing import Any, ClassVar, Literal
 
 import torch
 import torch.fx
 
 from rewriter import tokenizer_trim
-from rewriter.context import PassContext
+from rewriter.context import PassContext, is_text
 from rewriter.driver import Rewriter
 from rewriter.graph import refresh_meta
 from rewriter.pipeline import Pass, PassResult, option, refuse
@@ -50,17 +49,6 @@ from rewriter.vocab import ID_MAP_KEY, VOCAB_KEY, VocabMap, VocabUse, analyze, v
 __all__ = ["VocabTrimPass"]
 
 aten = torch.ops.aten
-
-_CONFIG_ID_FIELDS = (
-    "bos_token_id",
-    "eos_token_id",
-    "pad_token_id",
-    "decoder_start_token_id",
-    "sep_token_id",
-    "cls_token_id",
-    "mask_token_id",
-    "unk_token_id",
-)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -299,9 +287,7 @@ class _Corpus:
     def load(cls, ctx: PassContext, kind: str, tokenizer: Any, size: int, name: str) -> _Corpus:
         data = ctx.require(kind, name)
         texts: list[str] = []
-        if isinstance(data, str) or (
-            isinstance(data, Sequence) and data and all(isinstance(d, str) for d in data)
-        ):
+        if is_text(data):
             if tokenizer is None:
                 raise refuse(
                     f"pass '{name}': text data needs a tokenizer: PassContext(tokenizer=...)"
@@ -390,7 +376,7 @@ def _config_ids(gm: torch.fx.GraphModule) -> list[int]:
     info = trace_info(gm)
     config = info.config if info is not None else None
     found: list[int] = []
-    for field in _CONFIG_ID_FIELDS:
+    for field in tokenizer_trim.CONFIG_ID_FIELDS:
         value = (config or {}).get(field)
         values = value if isinstance(value, list) else [value]
         found += [v for v in values if isinstance(v, int) and v >= 0]

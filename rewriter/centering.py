@@ -15,7 +15,7 @@ import torch.fx
 
 from rewriter.driver import Rewriter
 from rewriter.errors import PreconditionError, describe_node
-from rewriter.folding import untie_for
+from rewriter.folding import reader_key, untie_for
 from rewriter.graph import is_metadata_reader
 from rewriter.store import Edit
 from rewriter.stream import NORM_OPS, ResidualStream, Writer
@@ -55,7 +55,7 @@ def center_writers(rw: Rewriter, stream: ResidualStream) -> dict[torch.fx.Node, 
         if writer.kind == "linear":
             lin = writer.linear
             assert lin is not None
-            linear.setdefault((lin.weight_name, lin.bias_name, lin.layout), []).append(writer)
+            linear.setdefault(reader_key(lin), []).append(writer)
         elif writer.kind in ("embedding", "tensor"):
             node = writer.table if writer.kind == "embedding" else writer.node
             assert node is not None

@@ -16,9 +16,19 @@ import torch
 
 from rewriter.errors import RewriterError
 
-__all__ = ["PassContext", "progress"]
+__all__ = ["PassContext", "is_text", "progress"]
 
 T = TypeVar("T")
+
+
+def is_text(data: Any) -> bool:
+    """True for context data given as text: a string or a non-empty list of strings."""
+    return isinstance(data, str) or (
+        isinstance(data, Sequence)
+        and not isinstance(data, torch.Tensor)
+        and bool(data)
+        and all(isinstance(d, str) for d in data)
+    )
 
 
 @dataclasses.dataclass
@@ -90,9 +100,7 @@ class PassContext:
         data = self.require(kind, pass_name or "this pass")
         seq_len = seq_len or self.seq_len
         batch_size = batch_size or self.batch_size
-        if isinstance(data, str) or (
-            isinstance(data, Sequence) and data and all(isinstance(d, str) for d in data)
-        ):
+        if is_text(data):
             ids = self.encode(data if isinstance(data, str) else "\n".join(data))
             result = _chunk(ids, seq_len, batch_size)
         elif isinstance(data, torch.Tensor):
@@ -118,9 +126,7 @@ class PassContext:
         """The evaluation data as one stream of token ids (for perplexity); text is encoded
         with ``tokenizer`` (default: the context's)."""
         data = self.require("evaluation", "perplexity")
-        if isinstance(data, str) or (
-            isinstance(data, Sequence) and data and isinstance(data[0], str)
-        ):
+        if is_text(data):
             ids = self.encode(data if isinstance(data, str) else "\n".join(data), tokenizer)
         elif isinstance(data, torch.Tensor):
             ids = data.reshape(-1)

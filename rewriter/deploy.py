@@ -31,7 +31,8 @@ import torch
 import torch.fx
 
 from rewriter.errors import RewriterError, TraceError
-from rewriter.graph import get_tensor, set_tensor
+from rewriter.graph import get_tensor, positions, set_tensor
+from rewriter.metrics import encode
 from rewriter.ops.deploy import cache_point, step_part
 from rewriter.trace import TRACE_INFO_KEY, trace, trace_info
 
@@ -59,13 +60,6 @@ class StepInfo:
     cache: tuple[tuple[int, int], ...]
     """(layer, kind) of each cache tensor, in the order the graphs take and return them."""
     model_class: str
-
-
-def positions(attention_mask: torch.Tensor) -> torch.Tensor:
-    """Position ids from a (left-)padded attention mask, as Hugging Face ``generate`` makes them:
-    the count of real tokens before each one; padding gets 1."""
-    mask = attention_mask.long()
-    return (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
 
 
 class _Step(torch.nn.Module):
@@ -511,10 +505,13 @@ def generate(
     vmap = graphs.vocab
     if vmap is not None and vmap.tokenizer is not None:
         tokenizer = vmap.tokenizer
-    ids, mask = _encode_prompts(tokenizer, prompts, attention_mask, pad_token_id)
     eos = eos_token_id if eos_token_id is not None else _token_id(tokenizer, "eos_token_id")
     pad = pad_token_id if pad_token_id is not None else _token_id(tokenizer, "pad_token_id")
     pad = pad if pad is not None else (eos if eos is not None else 0)
+    # Prompts are padded with a real token (masked out): the pad id, else the tokenizer's EOS.
+    candidates = (pad, _token_id(tokenizer, "eos_token_id"))
+    fill = next((v for v in candidates if v is not None and v >= 0), 0)
+    ids, mask = _encode_prompts(tokenizer, prompts, attention_mask, fill)
     generator = torch.Generator().manual_seed(seed)
     pick = _Picker(do_sample, temperature, top_k, top_p, generator, vmap)
 
@@ -548,7 +545,7 @@ def _token_id(tokenizer: Any, attribute: str) -> int | None:
 
 
 def _encode_prompts(
-    tokenizer: Any, prompts: Any, attention_mask: torch.Tensor | None, pad: int | None
+    tokenizer: Any, prompts: Any, attention_mask: torch.Tensor | None, pad: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
     if isinstance(prompts, torch.Tensor):
         ids = prompts if prompts.dim() == 2 else prompts.view(1, -1)
@@ -556,28 +553,17 @@ def _encode_prompts(
         return ids.long(), mask.long()
     if tokenizer is None or prompts is None:
         raise RewriterError("generate() needs prompts as text with a tokenizer, or as token ids")
-    rows = [
-        _encode(tokenizer, text) for text in ([prompts] if isinstance(prompts, str) else prompts)
-    ]
+    texts = [prompts] if isinstance(prompts, str) else prompts
+    rows = [encode(tokenizer, text).tolist() for text in texts]
     if any(not row for row in rows):
         raise RewriterError("an empty prompt: every prompt needs at least one token")
     width = max(len(row) for row in rows)
-    fill = (
-        pad
-        if pad is not None
-        else (_token_id(tokenizer, "pad_token_id") or _token_id(tokenizer, "eos_token_id") or 0)
-    )
-    ids = torch.full((len(rows), width), fill, dtype=torch.long)
+    ids = torch.full((len(rows), width), pad, dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.long)
     for i, row in enumerate(rows):  # left padding: the last column is every row's last token
         ids[i, width - len(row) :] = torch.tensor(row)
         mask[i, width - len(row) :] = 1
     return ids, mask
-
-
-def _encode(tokenizer: Any, text: str) -> list[int]:
-    encoded = tokenizer.encode(text)
-    return list(getattr(encoded, "ids", encoded))
 
 
 class _Picker:

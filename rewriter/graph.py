@@ -87,9 +87,15 @@ def feed(gm: torch.fx.GraphModule, batch: Any) -> Any:
     if "attention_mask" in names and "attention_mask" not in given:
         given["attention_mask"] = torch.ones_like(given[names[0]])
     if "position_ids" in names and "position_ids" not in given:
-        mask = given["attention_mask"].long()
-        given["position_ids"] = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
+        given["position_ids"] = positions(given["attention_mask"])
     return gm(**given)
+
+
+def positions(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Position ids from a (left-)padded attention mask, as Hugging Face ``generate`` makes them:
+    the count of real tokens before each one; padding gets 1."""
+    mask = attention_mask.long()
+    return (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
 
 
 def with_outputs(gm: torch.fx.GraphModule, nodes: list[torch.fx.Node]) -> torch.fx.GraphModule:

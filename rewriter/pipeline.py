@@ -31,7 +31,7 @@ import torch
 import torch.fx
 
 from rewriter import verify, vocab
-from rewriter.context import PassContext
+from rewriter.context import PassContext, is_text
 from rewriter.errors import PassError, PreconditionError, RewriterError, SpecError
 from rewriter.graph import copy_graph_module, format_graph
 from rewriter.spec import Budget, ParsedStep, parse_pipeline
@@ -532,11 +532,7 @@ class _Evaluation:
         original = self.ids if self.vocab is None else self.vocab.original_ids(self.ids)
         if target.ids == "original" or bool((target.positions(original) >= 0).all()):
             return target.graph_ids(original) if target.ids == "new" else original
-        data = self.ctx.evaluation
-        text = isinstance(data, str) or (
-            isinstance(data, list) and all(isinstance(d, str) for d in data)
-        )
-        if target.tokenizer is not None and text:
+        if target.tokenizer is not None and is_text(self.ctx.evaluation):
             return self.ctx.evaluation_ids(target.tokenizer)
         return None
 

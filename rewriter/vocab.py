@@ -24,6 +24,7 @@ import torch
 import torch.fx
 
 import rewriter.ops  # noqa: F401 - the marker ops named below
+from rewriter.context import is_text
 from rewriter.errors import PreconditionError
 from rewriter.graph import as_linear, is_metadata_reader, is_transparent
 
@@ -548,11 +549,7 @@ def adapt_context(ctx: Any, source: VocabMap | None, target: VocabMap | None) ->
         changes["tokenizer"] = target.tokenizer
     for field in ("calibration", "evaluation"):
         data = getattr(ctx, field)
-        if (
-            data is None
-            or isinstance(data, str)
-            or (isinstance(data, list) and data and all(isinstance(d, str) for d in data))
-        ):
+        if data is None or is_text(data):
             continue
         changes[field] = _renumber_data(data, source, target)
     if ctx.example_inputs is not None:
@@ -561,11 +558,7 @@ def adapt_context(ctx: Any, source: VocabMap | None, target: VocabMap | None) ->
 
 
 def _renumber(ids: Any, source: VocabMap | None, target: VocabMap | None) -> torch.Tensor:
-    ids = torch.as_tensor(ids)
-    original = ids if source is None else source.original_ids(ids)
-    if target is None:
-        return original
-    return target.graph_ids(target.project(original))
+    return translate_inputs([torch.as_tensor(ids)], None, source, target)[0]
 
 
 def _renumber_data(data: Any, source: VocabMap | None, target: VocabMap | None) -> Any:
