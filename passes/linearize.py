@@ -35,6 +35,9 @@ softmax outputs, everything else frozen (seeded, ``fit_steps`` per layer, progre
 report has each layer's MSE before and after fitting (on a held-out calibration batch) and, with
 evaluation data, the perplexity of the original, the unfitted and the fitted graph. LoRA recovery
 afterwards composes with the adapter passes when they land.
+
+A ``rewriter.deploy`` step graph is refused for now: its cache is keys and values, while a
+linearized layer's cache must be its recurrent state (``docs/deploy.md``).
 """
 
 from __future__ import annotations

@@ -26,6 +26,10 @@ Selection: ``norms`` (regex, full match on the norm's source module), ``layers``
 as ``0-3``, by the first number in the module path; the final norm has none). Preconditions:
 calibration data in the context (``PassContext(calibration=...)`` / ``--calib``); evaluation data
 for budgets. A selection that matches no norm is an error naming the norms there are.
+
+A norm module applied more than once (a shared layer; the prefix and last-token halves of a
+``rewriter.deploy`` step graph) is one decision: frozen everywhere or nowhere, with one constant
+calibrated over the inputs of all its applications.
 """
 
 from __future__ import annotations
