@@ -1,12 +1,13 @@
 """Generation speed with a KV cache: prefill and decode tokens per second against context length,
-torch vs ONNX Runtime, original vs 4-bit (l1quant), from the prefill/decode graphs of
-:mod:`rewriter.deploy`.
+torch vs ONNX Runtime, original vs 4-bit (l1quant) vs linearized attention, from the
+prefill/decode graphs of :mod:`rewriter.deploy`.
 
 Model: a Llama-shaped causal LM (4 layers, width 256, 8 heads, vocabulary 8192, rotary positions,
 random weights), batch 1. For each context length T: prefill of T tokens (tokens/s = T / time),
-then 16 decode steps from that context (tokens/s = 16 / time); interleaved rounds, medians.
-Linearized attention is not measured yet: its recurrent cache is not cut into decode graphs yet
-(see docs/deploy.md). JSON and a PNG plot.
+then 16 decode steps from that context (tokens/s = 16 / time); interleaved rounds, medians; and
+the bytes of the cache the decode graph carries. The linearized variant (Hedgehog feature maps,
+unfitted: speed does not depend on the fit) caches each layer's fixed-size recurrent state
+instead of keys and values. JSON and a PNG plot.
 
     .venv/bin/python benchmarks/bench_generate.py [--repeats 3] [--contexts 128,512,1024,2048,4096]
 """
@@ -44,7 +45,12 @@ def _variants(threads: int, tmp: Path) -> dict[str, object]:
         calibration=torch.randint(0, MODEL.vocab, (4, 64)), progress=False, measure_error=False
     )
     quantized = rewriter.Pipeline.parse("canonicalize,l1quant(norm=keep,bits=4)").run(step, ctx)
-    graphs = {"original": deploy.split(step), "q4": deploy.split(quantized.graph_module)}
+    linear = rewriter.Pipeline.parse("canonicalize,linearize(fit_steps=0)").run(step, ctx)
+    graphs = {
+        "original": deploy.split(step),
+        "q4": deploy.split(quantized.graph_module),
+        "linear": deploy.split(linear.graph_module),
+    }
     runners: dict[str, object] = {}
     for name, pair in graphs.items():
         runners[f"torch/{name}"] = pair
@@ -58,7 +64,9 @@ def _variants(threads: int, tmp: Path) -> dict[str, object]:
     return runners
 
 
-def _one(runner: object, context: int, generator: torch.Generator) -> tuple[float, float]:
+def _one(
+    runner: object, context: int, generator: torch.Generator
+) -> tuple[float, float, int]:
     ids = torch.randint(0, MODEL.vocab, (1, context), generator=generator)
     mask = torch.ones_like(ids)
     start = time.perf_counter()
@@ -71,14 +79,22 @@ def _one(runner: object, context: int, generator: torch.Generator) -> tuple[floa
         logits, cache = runner.run_decode(token, mask, deploy.positions(mask)[:, -1:], cache)  # type: ignore[attr-defined]
         token = logits[:, -1].argmax(-1, keepdim=True)
     decode = time.perf_counter() - start
-    return context / prefill, DECODE_STEPS / decode
+    return context / prefill, DECODE_STEPS / decode, sum(_bytes(c) for c in cache)
+
+
+def _bytes(value: object) -> int:
+    if isinstance(value, torch.Tensor):
+        return value.numel() * value.element_size()
+    if hasattr(value, "nbytes"):  # numpy arrays
+        return int(value.nbytes)
+    return int(value.numpy().nbytes)  # ORT values (IO binding)
 
 
 def measure(runners: dict[str, object], contexts: list[int], repeats: int) -> dict[str, object]:
     generator = torch.Generator().manual_seed(0)
     results: dict[str, object] = {}
     for context in contexts:
-        samples: dict[str, list[tuple[float, float]]] = {name: [] for name in runners}
+        samples: dict[str, list[tuple[float, float, int]]] = {name: [] for name in runners}
         for runner in runners.values():  # warm-up
             _one(runner, min(context, 64), generator)
         for _ in range(repeats):
@@ -88,6 +104,7 @@ def measure(runners: dict[str, object], contexts: list[int], repeats: int) -> di
             name: {
                 "prefill_tokens_per_s": statistics.median(s[0] for s in values),
                 "decode_tokens_per_s": statistics.median(s[1] for s in values),
+                "cache_bytes": values[0][2],
             }
             for name, values in samples.items()
         }
@@ -148,7 +165,6 @@ def main() -> None:
         "model": repr(MODEL),
         "decode_steps": DECODE_STEPS,
         "results": results,
-        "linearized": "not measured: its recurrent cache is not cut into decode graphs yet",
         "plot": plotted,
     }
     path = write("bench_generate", data)

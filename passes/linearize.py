@@ -36,14 +36,22 @@ report has each layer's MSE before and after fitting (on a held-out calibration 
 evaluation data, the perplexity of the original, the unfitted and the fitted graph. LoRA recovery
 afterwards composes with the adapter passes when they land.
 
-A ``rewriter.deploy`` step graph is refused for now: its cache is keys and values, while a
-linearized layer's cache must be its recurrent state (``docs/deploy.md``).
+**Step graphs** (:mod:`rewriter.deploy`). Each layer appears twice: attention over the prefix,
+whose keys and values are cached, and the last token's attention over ``cat(cache, new)``. The
+prefix attention is linearized and fitted as above; its recurrent state
+(``rewriter::linear_attention_state``: ``S``, ``z``, plus the window's last keys, values and
+features) becomes the cache, and the last token's attention becomes
+``rewriter::linear_attention_decode`` from that state, with the same feature maps, decay and gate.
+The decode graph :func:`rewriter.deploy.split` cuts then carries a fixed-size state per layer
+instead of keys and values that grow with the context. Layers ``layers`` leaves alone keep their
+key/value cache.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+import operator
 import re
 from typing import Any, ClassVar, Literal
 
@@ -56,7 +64,9 @@ from rewriter.driver import PROVENANCE_KEY, Rewriter
 from rewriter.errors import RewriterError, describe_node
 from rewriter.graph import copy_graph_module, module_path, weight_name_for, with_outputs
 from rewriter.metrics import perplexity_of_ids
-from rewriter.pipeline import Pass, PassResult, option, refuse
+from rewriter.ops.attention import state_size
+from rewriter.ops.deploy import FIRST_STATE_KIND
+from rewriter.pipeline import Pass, PassResult, option
 from rewriter.store import weights as weights_of
 from rewriter.trace import trace_info
 from rewriter.train import _forward, train
@@ -66,6 +76,9 @@ __all__ = ["LinearizePass"]
 aten = torch.ops.aten
 SDPA = aten.scaled_dot_product_attention.default
 LINEAR_ATTENTION = torch.ops.rewriter.linear_attention.default
+ATTENTION_STATE = torch.ops.rewriter.linear_attention_state.default
+ATTENTION_DECODE = torch.ops.rewriter.linear_attention_decode.default
+CACHE_POINT = torch.ops.rewriter.cache_point.default
 MASKED = -1e30  # additive mask values at or below this mean "not attended"
 
 
@@ -84,6 +97,18 @@ class _Site:
     mask_kind: str  # "none", "bool", "additive"
     slopes: torch.Tensor | None = None  # ALiBi slopes read off the graph
     decay: torch.Tensor | None = None  # the decay the rewrite gave it
+    cache_layer: int | None = None  # step graphs: the layer whose key/value cache it fills
+    parts: dict[str, Any] = dataclasses.field(default_factory=dict)  # nodes the rewrite made
+
+
+@dataclasses.dataclass
+class _DecodeSite:
+    """A step graph's last-token attention over ``cat(cache, new)``."""
+
+    node: torch.fx.Node
+    layer: int
+    key: torch.fx.Node  # the new token's key and value, [B, kv heads, 1, D]
+    value: torch.fx.Node
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,14 +135,8 @@ class LinearizePass(Pass):
     def run(self, gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
         from rewriter.passes.canonicalize import CanonicalizePass
 
-        if STEP_KEY in getattr(gm, "meta", {}):
-            raise refuse(
-                f"pass '{self.name}': this is a rewriter.deploy step graph, whose cache is keys "
-                "and values; a linearized layer's cache must be its recurrent state, which the "
-                "deploy cut does not make yet: linearize the full-sequence trace instead"
-            )
         CanonicalizePass().run(gm, ctx)  # written-out attention becomes SDPA
-        sites = self._sites(gm)
+        sites, decodes = self._sites(gm)
         if not sites:
             return PassResult(gm, changed=False, notes=["no softmax attention to linearize"])
         fit = self.feature_map == "hedgehog" and self.fit_steps > 0
@@ -127,6 +146,11 @@ class LinearizePass(Pass):
             else None
         )
         self._inspect_masks(gm, sites, batches)
+        if decodes and not all(s.causal for s in sites):
+            bad = next(s for s in sites if not s.causal)
+            raise RewriterError(
+                f"pass '{self.name}': {describe_node(bad.node)} in a step graph is not causal"
+            )
         if self.window and not all(s.causal for s in sites):
             bad = next(s for s in sites if not s.causal)
             raise RewriterError(
@@ -135,7 +159,7 @@ class LinearizePass(Pass):
             )
         original = copy_graph_module(gm) if ctx.evaluation is not None else None
         recorded = _record(gm, sites, batches, ctx) if fit else None
-        params = _replace(gm, sites, self)
+        params = _replace(gm, sites, decodes, self)
         metrics: dict[str, Any] = {"attentions": len(sites)}
         eval_ids = ctx.evaluation_ids() if ctx.evaluation is not None else None
         if eval_ids is not None and original is not None:
@@ -151,20 +175,36 @@ class LinearizePass(Pass):
             + (f", decay {self.decay}" if self.decay != "none" else "")
             + ")"
         ]
+        if decodes:
+            notes.append(
+                f"step graph: {len(decodes)} decode attentions run from a fixed-size state cache"
+            )
         return PassResult(
             gm, changed=True, stats={"linearize": len(sites)}, notes=notes, metrics=metrics
         )
 
     # -- finding attention --
-    def _sites(self, gm: torch.fx.GraphModule) -> list[_Site]:
+    def _sites(self, gm: torch.fx.GraphModule) -> tuple[list[_Site], dict[int, _DecodeSite]]:
+        """The attentions to linearize and, in a step graph, the decode attentions of their
+        layers (by cache layer)."""
         pattern = re.compile(self.layers)
         found = [n for n in gm.graph.find_nodes(op="call_function", target=SDPA)]
+        step_graph = STEP_KEY in getattr(gm, "meta", {})
+        decodes: dict[int, _DecodeSite] = {}
         sites = []
-        for index, node in enumerate(found):
+        for node in found:
             label = _attention_label(node)
             if not pattern.fullmatch(label):
                 continue
-            sites.append(_describe(node, label, index, self.name))
+            decode = _decode_site(node) if step_graph else None
+            if decode is not None:
+                decodes[decode.layer] = decode
+                continue
+            site = _describe(node, label, len(sites), self.name)
+            site.cache_layer = _cached_layer(node.args[1]) if step_graph else None
+            sites.append(site)
+        if step_graph:
+            _pair(sites, decodes, self.name)
         leftover = [
             n
             for n in gm.graph.nodes
@@ -184,7 +224,7 @@ class LinearizePass(Pass):
                 f"pass '{self.name}': layers={self.layers!r} selects no attention (the graph's "
                 f"attentions: {names})"
             )
-        return sites
+        return sites, decodes
 
     def _inspect_masks(
         self, gm: torch.fx.GraphModule, sites: list[_Site], batches: list[torch.Tensor] | None
@@ -240,6 +280,78 @@ def _describe(node: torch.fx.Node, label: str, index: int, pass_name: str) -> _S
         causal=causal,
         mask_kind=kind,
     )
+
+
+_VIEWS = {
+    aten.reshape.default,
+    aten.view.default,
+    aten._unsafe_view.default,
+    aten.expand.default,
+    aten.unsqueeze.default,
+    aten.slice.Tensor,
+    aten.clone.default,
+    aten.contiguous.default,
+    aten.alias.default,
+}
+"""Ops between a cache and the attention that reads it (Hugging Face's ``repeat_kv``)."""
+
+
+def _cache_walk(node: Any) -> list[torch.fx.Node]:
+    """``node`` and what it views, up to the first op that is not a view."""
+    chain = []
+    while isinstance(node, torch.fx.Node):
+        chain.append(node)
+        if node.op != "call_function" or node.target not in _VIEWS:
+            break
+        node = node.args[0]
+    return chain
+
+
+def _cache_point_of(node: torch.fx.Node, kind: int) -> torch.fx.Node | None:
+    return next((u for u in node.users if u.target == CACHE_POINT and int(u.args[2]) == kind), None)
+
+
+def _cached_layer(key: torch.fx.Node) -> int | None:
+    """The cache layer whose keys are the attention's keys (a step graph's prefix)."""
+    for node in _cache_walk(key):
+        point = _cache_point_of(node, 0)
+        if point is not None:
+            return int(point.args[1])
+    return None
+
+
+def _decode_site(node: torch.fx.Node) -> _DecodeSite | None:
+    """``node`` as a decode attention: its keys and values ``cat(cache_point, new)``."""
+    found = []
+    for operand, kind in ((node.args[1], 0), (node.args[2], 1)):
+        cat = _cache_walk(operand)[-1]
+        if cat.target != aten.cat.default or len(cat.args[0]) != 2:
+            return None
+        cached, new = cat.args[0]
+        if cached.target != CACHE_POINT or int(cached.args[2]) != kind:
+            return None
+        found.append((int(cached.args[1]), new))
+    (layer, key), (value_layer, value) = found
+    if layer != value_layer:
+        raise RewriterError(
+            f"{describe_node(node)} reads the keys of cache layer {layer} with the values of "
+            f"layer {value_layer}"
+        )
+    return _DecodeSite(node, layer, key, value)
+
+
+def _pair(sites: list[_Site], decodes: dict[int, _DecodeSite], pass_name: str) -> None:
+    """Every selected prefix attention of a step graph needs its decode attention, and back."""
+    layers = {s.cache_layer for s in sites}
+    for site in sites:
+        if site.cache_layer is None or site.cache_layer not in decodes:
+            raise RewriterError(
+                f"pass '{pass_name}': {describe_node(site.node)} in a step graph has no decode "
+                "attention reading its cache (a pass changed the cache layout?)"
+            )
+    for layer in list(decodes):
+        if layer not in layers:
+            del decodes[layer]  # its prefix attention was not selected: it keeps its cache
 
 
 def _classify(site: _Site, mask: torch.Tensor, step: LinearizePass) -> None:
@@ -312,22 +424,23 @@ def _lightning_decay(site: _Site, layers: int) -> torch.Tensor:
 
 
 def _replace(
-    gm: torch.fx.GraphModule, sites: list[_Site], step: LinearizePass
+    gm: torch.fx.GraphModule,
+    sites: list[_Site],
+    decodes: dict[int, _DecodeSite],
+    step: LinearizePass,
 ) -> dict[str, dict[str, str]]:
-    """Swap every site for linear attention; returns each site's parameter names."""
+    """Swap every site for linear attention (and, in a step graph, its decode attention for a
+    step from the recurrent state); returns each site's parameter names."""
     rw = Rewriter(gm, pass_name=step.name)
     params: dict[str, dict[str, str]] = {}
     for site in sites:
         node = site.node
         q, k, v, mask = node.args[0], node.args[1], node.args[2], (list(node.args) + [None] * 4)[3]
         dtype = q.meta["val"].dtype
-        if site.kv_heads != site.heads:  # GQA: feature maps act per query head (LoLCATs)
-            repeat = site.heads // site.kv_heads
-            k = rw.call(aten.repeat_interleave.self_int, (k, repeat, 1), before=node, rule="gqa")
-            v = rw.call(aten.repeat_interleave.self_int, (v, repeat, 1), before=node, rule="gqa")
+        k, v = _repeat_heads(rw, k, v, site, before=node)
         names: dict[str, str] = {}
-        phi_q = _feature_map(rw, q, site, "q", step, dtype, names)
-        phi_k = _feature_map(rw, k, site, "k", step, dtype, names)
+        phi_q = _feature_map(rw, q, site, "q", step, dtype, names, before=node)
+        phi_k = _feature_map(rw, k, site, "k", step, dtype, names, before=node)
         key_mask = _key_mask(rw, mask, site) if mask is not None else None
         decay = None
         if step.decay == "lightning":
@@ -363,9 +476,79 @@ def _replace(
         new = rw.call(LINEAR_ATTENTION, args, before=node, rule="linearize", meta_from=node)
         rw.replace(node, new, rule="linearize")
         site.node = new
+        site.parts = {"k": k, "v": v, "phi_k": phi_k, "key_mask": key_mask}
+        site.parts |= {"decay": decay_node, "gate": gate}
         params[site.label] = names
+        if site.cache_layer is not None:
+            _replace_decode(rw, site, decodes[site.cache_layer], step, names)
     rw.finish(prune_weights=True)
     return params
+
+
+def _repeat_heads(
+    rw: Rewriter, k: Any, v: Any, site: _Site, *, before: torch.fx.Node
+) -> tuple[Any, Any]:
+    """GQA: keys and values repeated to the query heads (feature maps act per query head, as in
+    LoLCATs); Hugging Face's ``repeat_kv`` order (each key head ``heads / kv_heads`` times)."""
+    kv_heads = int(k.meta["val"].shape[1])
+    if kv_heads == site.heads:
+        return k, v
+    repeat = site.heads // kv_heads
+    k = rw.call(aten.repeat_interleave.self_int, (k, repeat, 1), before=before, rule="gqa")
+    v = rw.call(aten.repeat_interleave.self_int, (v, repeat, 1), before=before, rule="gqa")
+    return k, v
+
+
+def _replace_decode(
+    rw: Rewriter, site: _Site, decode: _DecodeSite, step: LinearizePass, names: dict[str, str]
+) -> None:
+    """The prefix's state becomes the cache; the decode attention runs one step from it."""
+    node = decode.node
+    parts = site.parts
+    state = rw.call(
+        ATTENTION_STATE,
+        (parts["k"], parts["v"], parts["phi_k"], parts["key_mask"], parts["decay"], step.window),
+        before=node,
+        rule="linearize-state",
+        meta_from=site.node,
+    )
+    cached = []
+    for index in range(state_size(step.window)):
+        tensor = rw.call(operator.getitem, (state, index), before=node, rule="linearize-state")
+        kind = FIRST_STATE_KIND + index
+        cached.append(
+            rw.call(CACHE_POINT, (tensor, decode.layer, kind), before=node, rule="linearize-state")
+        )
+    q = node.args[0]
+    dtype = q.meta["val"].dtype
+    k, v = _repeat_heads(rw, decode.key, decode.value, site, before=node)
+    phi_q = _feature_map(rw, q, site, "q", step, dtype, names, before=node)
+    phi_k = _feature_map(rw, k, site, "k", step, dtype, names, before=node)
+    mask = (list(node.args) + [None] * 4)[3]
+    valid = None
+    if mask is not None:  # the new key's column of the decode mask [B, 1|H, 1, P + 1]
+        row = rw.call(aten.select.int, (mask, 1, 0), before=node, rule="key-mask")
+        row = rw.call(aten.select.int, (row, 1, 0), before=node, rule="key-mask")
+        valid = rw.call(aten.select.int, (row, 1, -1), before=node, rule="key-mask")
+        if mask.meta["val"].dtype != torch.bool:
+            valid = rw.call(aten.gt.Scalar, (valid, MASKED), before=node, rule="key-mask")
+    args = (
+        q,
+        k,
+        v,
+        phi_q,
+        phi_k,
+        valid,
+        parts["decay"],
+        parts["gate"],
+        cached,
+        step.window,
+        site.scale,
+        step.eps,
+    )
+    out = rw.call(ATTENTION_DECODE, args, before=node, rule="linearize", meta_from=node)
+    result = rw.call(operator.getitem, (out, 0), before=node, rule="linearize", meta_from=node)
+    rw.replace(node, result, rule="linearize")
 
 
 def _feature_map(
@@ -376,17 +559,25 @@ def _feature_map(
     step: LinearizePass,
     dtype: torch.dtype,
     names: dict[str, str],
+    *,
+    before: torch.fx.Node,
 ) -> torch.fx.Node:
-    node = site.node
+    """``phi(x)`` for one side of a site; a second application (a step graph's decode) reuses
+    the weights the first one created."""
+    node = before
     if step.feature_map == "elu":
         elu = rw.call(aten.elu.default, (x,), before=node, rule="feature-map")
         return rw.call(aten.add.Tensor, (elu, 1.0), before=node, rule="feature-map")
-    features = step.feature_dim or site.head_dim
-    weight = torch.zeros(site.heads, site.head_dim, features, dtype=dtype)
-    eye = torch.eye(site.head_dim, features, dtype=dtype)
-    weight[:] = eye  # identity where f = D, a truncated identity otherwise
-    w = rw.add_weight(weight_name_for(node, f"feature_map_{side}"), weight, rule="feature-map")
-    names[f"feature_map_{side}"] = str(w.target)
+    key = f"feature_map_{side}"
+    if key in names:
+        w = rw.weight(names[key], rule="feature-map")
+    else:
+        features = step.feature_dim or site.head_dim
+        weight = torch.zeros(site.heads, site.head_dim, features, dtype=dtype)
+        eye = torch.eye(site.head_dim, features, dtype=dtype)
+        weight[:] = eye  # identity where f = D, a truncated identity otherwise
+        w = rw.add_weight(weight_name_for(node, key), weight, rule="feature-map")
+        names[key] = str(w.target)
     projected = rw.call(aten.matmul.default, (x, w), before=node, rule="feature-map")
     negated = rw.call(aten.neg.default, (projected,), before=node, rule="feature-map")
     plus = rw.call(aten._softmax.default, (projected, -1, False), before=node, rule="feature-map")

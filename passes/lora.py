@@ -10,7 +10,9 @@ trains exactly the adapters) fine-tunes them, ``merge-adapters`` folds them back
 Targets, as PEFT users write them (``targets``): a regex (full match on the map's source module
 path, PEFT's string form); a comma-separated list of names, each matching a module exactly or as
 a dotted suffix (``c_attn,c_proj``); or ``all-linear`` (default), every linear map except the LM
-head (a map whose output is a graph output or that shares its weight with an embedding).
+head (a map whose output is a graph output or that shares its weight with an embedding). A module
+applied more than once (a shared layer; the prefix and last-token halves of a ``rewriter.deploy``
+step graph) gets one adapter whose branch is added at every application.
 
 Initializations (``init``), none touching the global RNG (a CPU generator seeded from the context
 seed and the map's index):
@@ -87,6 +89,7 @@ class LoRAPass(Pass):
                 trainable={"A", "B"},
                 scale=scale,
                 dropout=self.dropout,
+                extra={"init": "pissa"} if self.init == "pissa" else None,
             )
             per_layer[_label(lin)] = a.numel() + b.numel()
             counts["trainable"] += a.numel() + b.numel()
@@ -171,18 +174,9 @@ def select_targets(gm: torch.fx.GraphModule, targets: str, pass_name: str) -> li
             f"pass '{pass_name}': targets={targets!r} selects no linear map (the graph's linear "
             f"maps: {known})"
         )
-    uses: dict[str, list[LinearMap]] = {}
+    # One adapter per module: a module applied more than once (a shared layer, the two halves
+    # of a rewriter.deploy step graph) is selected once, and inject() adapts every application.
+    first: dict[str, LinearMap] = {}
     for lin in chosen:
-        uses.setdefault(lin.weight_name, []).append(lin)
-    repeated = [group for group in uses.values() if len(group) > 1]
-    if repeated:
-        # One adapter per application would train and merge each copy separately: refuse until
-        # adapters are shared across the applications of a module.
-        raise PreconditionError(
-            f"pass '{pass_name}': '{_label(repeated[0][0])}' is applied {len(repeated[0])} times "
-            "(a shared layer, or the two halves of a rewriter.deploy step graph); adapters on a "
-            "module applied more than once are not supported yet: add adapters to the model's "
-            "full-sequence trace, merge them, then trace the step graph",
-            repeated[0][1].node,
-        )
-    return chosen
+        first.setdefault(lin.weight_name, lin)
+    return list(first.values())

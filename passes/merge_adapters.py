@@ -55,9 +55,8 @@ class MergeAdaptersPass(Pass):
         by_name = {n.name: n for n in gm.graph.nodes}
         kept = []
         for record in found:
-            total = by_name[record.output]
-            base_output = total.args[0]
-            lin = _linear_of(base_output)
+            totals = [by_name[name] for name in record.outputs]  # one per application
+            lin = _linear_of(totals[0].args[0])
             weight = record.weight
             if lin is not None and lin.weight_name == weight:
                 weight = own_weight(rw, lin).weight_name  # a tied weight is untied first
@@ -69,7 +68,8 @@ class MergeAdaptersPass(Pass):
                 original = rw.store.read(weight).detach().clone()
                 kept.append(MergedAdapter(record, weight, original, factors))
             rw.apply(merge_edit(gm, record, weight))
-            rw.replace(total, base_output, rule="merge-adapter")
+            for total in totals:
+                rw.replace(total, total.args[0], rule="merge-adapter")
         for node in list(gm.graph.nodes):  # adapter dropouts count as impure: erase them by hand
             if node.meta.get(TRAIN_DROPOUT_KEY) and not node.users and rw.is_alive(node):
                 rw.erase(node)

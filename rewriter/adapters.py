@@ -9,11 +9,15 @@ LoRA-XS family, the identity otherwise):
     y' = y + s * d
 
 so ``delta W = s B R A`` in ``(out, in)`` form whatever layout the base weight has (GPT-2's
-``Conv1D`` stores ``W^T``). Factors are graph tensors: trainable parameters, or frozen buffers (a
-NOLA basis, LoRA-XS singular vectors), or computed in the graph from them (NOLA's ``A = sum_i
-alpha_i A_i``). Every adapter is described by an :class:`AdapterRecord` in ``gm.meta``, which
-``merge-adapters``, the adapter checkpoint and the reports read; the graph stays plain ATen and
-exports like any other (the factors become initializers).
+``Conv1D`` stores ``W^T``). A module applied more than once (a shared layer, or the prefix and
+last-token halves of a ``rewriter.deploy`` step graph) gets one adapter: one set of factors, a
+branch at every application (:func:`applications`), trained and merged once.
+
+Factors are graph tensors: trainable parameters, or frozen buffers (a NOLA basis, LoRA-XS
+singular vectors), or computed in the graph from them (NOLA's ``A = sum_i alpha_i A_i``). Every
+adapter is described by an :class:`AdapterRecord` in ``gm.meta``, which ``merge-adapters``, the
+adapter checkpoint and the reports read; the graph stays plain ATen and exports like any other
+(the factors become initializers).
 
 Merging computes ``W + delta W`` in float64 row blocks through the weight store (one cast back),
 so merge is exact up to that single rounding.
@@ -29,7 +33,7 @@ import torch
 import torch.fx
 
 from rewriter.driver import Rewriter
-from rewriter.graph import LinearMap, as_linear, module_path, weight_name_for
+from rewriter.graph import LinearMap, as_linear, linear_maps, module_path, weight_name_for
 from rewriter.store import Block, Edit
 
 __all__ = [
@@ -37,6 +41,7 @@ __all__ = [
     "TRAIN_DROPOUT_KEY",
     "AdapterRecord",
     "adapter_dtype",
+    "applications",
     "delta_weight",
     "factor_values",
     "inject",
@@ -74,8 +79,9 @@ class AdapterRecord:
     ``alpha``, ``beta``, ``A_basis``, ``B_basis``."""
     trainable: list[str]
     """Names of the tensors that train."""
-    output: str
-    """Name of the ``add`` node that adds the branch to the base output."""
+    outputs: list[str]
+    """Names of the ``add`` nodes that add the branch to the base output, one per application
+    of the module."""
     extra: dict[str, Any] = dataclasses.field(default_factory=dict)
     """Method data for the checkpoint (NOLA seeds, the SVD dtype, ...)."""
 
@@ -87,6 +93,17 @@ def records(gm: torch.fx.GraphModule) -> list[AdapterRecord]:
 
 def _set_records(gm: torch.fx.GraphModule, values: list[AdapterRecord]) -> None:
     gm.meta[ADAPTERS_KEY] = list(values)
+
+
+def applications(gm: torch.fx.GraphModule, lin: LinearMap) -> list[LinearMap]:
+    """Every application of ``lin``'s module: the linear maps reading the same weight in the
+    same layout, in graph order (``lin`` alone for a module applied once)."""
+    found = [
+        other
+        for other in linear_maps(gm)
+        if other.weight_name == lin.weight_name and other.layout == lin.layout
+    ]
+    return found or [lin]
 
 
 def inject(
@@ -101,7 +118,8 @@ def inject(
     extra: dict[str, Any] | None = None,
     dropout: float = 0.0,
 ) -> AdapterRecord:
-    """Add the branch ``s * B R A x`` to ``lin``'s output and record it.
+    """Add the branch ``s * B R A x`` to ``lin``'s output, and to every other application of its
+    module with the same factors, and record it.
 
     ``factors`` holds the stored tensors by role (``A``, ``B``, optional ``R``, NOLA's bases and
     coefficients); roles in ``trainable`` become trainable parameters. ``computed`` maps ``A`` /
@@ -110,6 +128,8 @@ def inject(
     """
     node = lin.node
     module = module_path(node) or lin.module
+    apps = applications(rw.gm, lin)
+    first = apps[0].output
     nodes: dict[str, torch.fx.Node] = {}
     names: dict[str, str] = {}
     for role, tensor in factors.items():
@@ -122,7 +142,28 @@ def inject(
         nodes[role] = stored
         names[role] = str(stored.target)
     for role, build in (computed or {}).items():
-        nodes[role] = build(rw, nodes, lin.output)
+        nodes[role] = build(rw, nodes, first)  # before the first application: all see it
+    outputs = [_branch(rw, app, nodes, scale, dropout).name for app in apps]
+    record = AdapterRecord(
+        module=module,
+        method=method,
+        rank=int(factors["A"].shape[0]) if "A" in factors else int(extra.get("rank", 0)),
+        scale=float(scale),
+        weight=lin.weight_name,
+        layout=lin.layout,
+        tensors=names,
+        trainable=[names[r] for r in sorted(trainable)],
+        outputs=outputs,
+        extra=dict(extra or {}) | ({"dropout": float(dropout)} if dropout else {}),
+    )
+    _set_records(rw.gm, [*records(rw.gm), record])
+    return record
+
+
+def _branch(
+    rw: Rewriter, lin: LinearMap, nodes: dict[str, torch.fx.Node], scale: float, dropout: float
+) -> torch.fx.Node:
+    """``y + s * B R A x`` at one application; returns the sum, which replaces ``y``."""
     before = lin.output
     x = lin.input
     if dropout:
@@ -141,20 +182,7 @@ def inject(
     lin.output.append(total)
     for user in users:
         user.replace_input_with(lin.output, total)
-    record = AdapterRecord(
-        module=module,
-        method=method,
-        rank=int(factors["A"].shape[0]) if "A" in factors else int(extra.get("rank", 0)),
-        scale=float(scale),
-        weight=lin.weight_name,
-        layout=lin.layout,
-        tensors=names,
-        trainable=[names[r] for r in sorted(trainable)],
-        output=total.name,
-        extra=dict(extra or {}) | ({"dropout": float(dropout)} if dropout else {}),
-    )
-    _set_records(rw.gm, [*records(rw.gm), record])
-    return record
+    return total
 
 
 def nola_bases(
@@ -202,11 +230,13 @@ def adapter_dtype(lin: LinearMap) -> torch.dtype:
 
 def own_weight(rw: Rewriter, lin: LinearMap) -> LinearMap:
     """``lin`` with a weight of its own: a weight shared with other readers (a tied LM head and
-    its embedding) is untied first, the others keep the original tensor."""
-    others = [u for u in lin.weight.users if u is not lin.node and lin.node not in u.users]
+    its embedding) is untied first, the others keep the original tensor. Every application of
+    ``lin``'s module (:func:`applications`) keeps reading the one weight."""
+    apps = {app.node for app in applications(rw.gm, lin)}
+    mine = [u for u in lin.weight.users if u in apps or any(a in u.users for a in apps)]
+    others = [u for u in lin.weight.users if u not in mine]
     if not others:
         return lin
-    mine = [u for u in lin.weight.users if u not in others]
     rw.untie(lin.weight, mine, name_hint=weight_name_for(lin.node, "weight"))
     relinked = as_linear(lin.node)
     assert relinked is not None
@@ -269,6 +299,14 @@ def save(gm: torch.fx.GraphModule, path: str) -> None:
     tensors: dict[str, torch.Tensor] = {}
     entries = []
     for i, record in enumerate(records(gm)):
+        if record.extra.get("init") == "pissa":
+            # PiSSA rewrote the base weight to W - s B0 A0: the factors alone, applied to the
+            # original model, would add s B A on top of W (silently wrong).
+            raise ValueError(
+                f"the PiSSA adapter on '{record.module}' cannot be saved alone: its base weight "
+                "was rewritten to the residual W - s B0 A0. Save the whole graph "
+                "(rewriter.save) or merge it and save the model"
+            )
         roles = [r for r in record.tensors if not r.endswith("_basis")]
         for role in roles:
             tensors[f"{i}.{role}"] = store.read(record.tensors[role]).detach().contiguous()

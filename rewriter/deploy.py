@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import operator
 from collections.abc import Sequence
 from typing import Any
 
@@ -33,7 +34,7 @@ import torch.fx
 from rewriter.errors import RewriterError, TraceError
 from rewriter.graph import get_tensor, positions, set_tensor
 from rewriter.metrics import encode
-from rewriter.ops.deploy import cache_point, step_part
+from rewriter.ops.deploy import CACHE_KINDS, FIRST_STATE_KIND, cache_point, step_part
 from rewriter.trace import TRACE_INFO_KEY, trace, trace_info
 
 __all__ = [
@@ -42,6 +43,7 @@ __all__ = [
     "GenerationResult",
     "agreement",
     "generate",
+    "grows",
     "positions",
     "split",
     "trace_causal_lm",
@@ -55,10 +57,9 @@ aten = torch.ops.aten
 
 @dataclasses.dataclass(frozen=True)
 class StepInfo:
-    """What :func:`split` needs to know about a step graph."""
+    """Marks a step graph (the cache it carries is read off its ``cache_point`` nodes, which
+    passes may change: ``linearize`` turns a layer's keys and values into its state)."""
 
-    cache: tuple[tuple[int, int], ...]
-    """(layer, kind) of each cache tensor, in the order the graphs take and return them."""
     model_class: str
 
 
@@ -142,20 +143,12 @@ def trace_causal_lm(
         num_positional=1,  # the model takes the mask and positions by keyword
         model_class=f"{type(model).__module__}.{type(model).__qualname__}",
     )
-    cache = sorted(
-        {
-            (int(n.args[1]), int(n.args[2]))
-            for n in gm.graph.find_nodes(
-                op="call_function", target=torch.ops.rewriter.cache_point.default
-            )
-        }
-    )
-    if not cache:
+    if not gm.graph.find_nodes(op="call_function", target=torch.ops.rewriter.cache_point.default):
         raise TraceError(
             f"{type(model).__name__} returned no key/value cache with use_cache=True: "
             "only models with a Hugging Face Cache can be deployed with a cache"
         )
-    gm.meta[STEP_KEY] = StepInfo(tuple(cache), info.model_class)
+    gm.meta[STEP_KEY] = StepInfo(info.model_class)
     return gm
 
 
@@ -197,7 +190,13 @@ class CausalLMGraphs:
 
 
 def _cache_name(layer: int, kind: int) -> str:
-    return f"past_{layer}_{'key' if kind == 0 else 'value' if kind == 1 else f'state{kind}'}"
+    return f"past_{layer}_{CACHE_KINDS.get(kind, f'kind{kind}')}"
+
+
+def grows(kind: int) -> bool:
+    """Whether a cache tensor of this kind grows with the context (keys and values, along dim
+    2) or has a fixed size (a linearized layer's state)."""
+    return kind < FIRST_STATE_KIND
 
 
 def split(step: torch.fx.GraphModule) -> CausalLMGraphs:
@@ -208,11 +207,12 @@ def split(step: torch.fx.GraphModule) -> CausalLMGraphs:
         raise RewriterError("split() takes a step graph made by rewriter.deploy.trace_causal_lm")
     prefix_logits, last_logits = _logits_halves(step)
     points = _cache_points(step)
-    prefill_outputs = [prefix_logits, *(points[key].args[0] for key in info.cache)]
+    cache = tuple(sorted(points))
+    prefill_outputs = [prefix_logits, *(points[key].args[0] for key in cache)]
     prefill = _cut(step, prefill_outputs, part=0, points=points)
-    presents = [_present(points[key]) for key in info.cache]
+    presents = [_present(points[key]) for key in cache]
     decode = _cut(step, [last_logits, *presents], part=1, points=points)
-    return _retrace(step, prefill, decode, info, trace)
+    return _retrace(step, prefill, decode, cache, trace)
 
 
 def _logits_halves(step: torch.fx.GraphModule) -> tuple[torch.fx.Node, torch.fx.Node]:
@@ -243,20 +243,25 @@ def _cache_points(step: torch.fx.GraphModule) -> dict[tuple[int, int], torch.fx.
     return found
 
 
-def _present(point: torch.fx.Node) -> torch.fx.Node:
-    """The decode half's updated cache: the concatenation of the cache point and the new entry."""
+def _present(point: torch.fx.Node) -> torch.fx.Node | tuple[torch.fx.Node, int]:
+    """The decode half's updated cache tensor: keys and values concatenate the cache point and
+    the new entry; a linearized layer's state is output ``index`` of its decode step (returned
+    as ``(step, index)``: the step graph itself does not use it)."""
     for user in point.users:
         if user.target == aten.cat.default and user.args[0][0] is point:
             return user
+        if user.target == torch.ops.rewriter.linear_attention_decode.default:
+            return user, 1 + list(user.args[8]).index(point)
     raise RewriterError(
-        f"cache tensor {point.args[1:]} is not extended by a concatenation in the decode half "
-        "(a cache layout this split does not know)"
+        f"cache tensor {point.args[1:]} is not extended by a concatenation or updated by a "
+        "linear-attention decode step in the decode half (a cache layout this split does not "
+        "know)"
     )
 
 
 def _cut(
     step: torch.fx.GraphModule,
-    outputs: list[torch.fx.Node],
+    outputs: list[torch.fx.Node | tuple[torch.fx.Node, int]],
     *,
     part: int,
     points: dict[tuple[int, int], torch.fx.Node],
@@ -267,7 +272,7 @@ def _cut(
     graph = torch.fx.Graph()
     env: dict[torch.fx.Node, torch.fx.Node] = {}
     stops = set(points.values()) if part == 1 else set()
-    needed = _ancestors(outputs, stop=stops)
+    needed = _ancestors([o[0] if isinstance(o, tuple) else o for o in outputs], stop=stops)
     for node in step.graph.find_nodes(op="placeholder"):
         env[node] = graph.placeholder(str(node.target))
     if part == 1:
@@ -278,7 +283,14 @@ def _cut(
         if node.op == "placeholder" or node not in needed or node in env:
             continue
         env[node] = graph.node_copy(node, lambda n: env[n])
-    graph.output(tuple(env[n] for n in outputs))
+    graph.output(
+        tuple(
+            graph.call_function(operator.getitem, (env[o[0]], o[1]))
+            if isinstance(o, tuple)
+            else env[o]
+            for o in outputs
+        )
+    )
     gm = torch.fx.GraphModule(step, graph)
     gm.recompile()
     return gm
@@ -360,7 +372,7 @@ def _retrace(
     step: torch.fx.GraphModule,
     prefill: torch.fx.GraphModule,
     decode: torch.fx.GraphModule,
-    info: StepInfo,
+    cache: tuple[tuple[int, int], ...],
     trace_: Any,
 ) -> CausalLMGraphs:
     """Export both cut graphs again (fresh metadata, dynamic dims), weights shared with ``step``."""
@@ -379,14 +391,17 @@ def _retrace(
     next_ids = ids[:, -1:]
     next_mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
     next_pos = positions(next_mask)[:, -1:]
-    cache_names = [_cache_name(layer, kind) for layer, kind in info.cache]
+    cache_names = [_cache_name(layer, kind) for layer, kind in cache]
     past = torch.export.Dim("past", min=1)
     batch = torch.export.Dim("batch")
     dynamic = {
         "input_ids": {0: batch},
         "attention_mask": {0: batch, 1: past + 1},
         "position_ids": {0: batch},
-        **{name: {0: batch, 2: past} for name in cache_names},
+        **{
+            _cache_name(layer, kind): {0: batch, 2: past} if grows(kind) else {0: batch}
+            for layer, kind in cache
+        },
     }
     decode_gm = trace(
         _decode_module(decode, cache_names),
@@ -408,7 +423,7 @@ def _retrace(
         for key, value in step.meta.items():  # what passes recorded (vocabulary maps, ...)
             if key not in (TRACE_INFO_KEY, STEP_KEY, "rewriter.store"):
                 gm.meta.setdefault(key, value)
-    return CausalLMGraphs(prefill_gm, decode_gm, info.cache)
+    return CausalLMGraphs(prefill_gm, decode_gm, cache)
 
 
 def _share_weights(step: torch.fx.GraphModule, gm: torch.fx.GraphModule) -> None:

@@ -316,3 +316,44 @@ def test_unmerge_is_exact_with_keep_base_and_refused_without() -> None:
     plain = rewriter.Pipeline.parse("merge-adapters").run(injected).graph_module
     with pytest.raises(PassError, match="without keep_base=true"):
         rewriter.Pipeline.parse("unmerge-adapters").run(plain)
+
+
+class _SharedLayer(torch.nn.Module):
+    """One linear module applied twice (weight sharing, as in ALBERT or a recurrent block)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = torch.nn.Linear(8, 8)
+        self.head = torch.nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.proj(torch.relu(self.proj(x))))
+
+
+@pytest.mark.parametrize("method", ["lora(targets=proj,r=2,init=pissa)", "nola(targets=proj,r=2)"])
+def test_a_module_applied_twice_gets_one_shared_adapter(method: str, tmp_path) -> None:
+    torch.manual_seed(0)
+    model = _SharedLayer().eval()
+    x = torch.randn(3, 8)
+    gm = rewriter.trace(model, (x,))
+    adapted = rewriter.Pipeline.parse(method).run(gm).graph_module
+    (record,) = records(adapted)
+    assert len(record.outputs) == 2 and len(record.trainable) == 2
+    torch.testing.assert_close(adapted(x), model(x), rtol=1e-5, atol=1e-5)  # exact at init
+    _randomize(adapted, seed=1)
+    moved = adapted(x)
+    assert not torch.allclose(moved, model(x))
+    merged = rewriter.Pipeline.parse("merge-adapters(keep_base=true)").run(adapted).graph_module
+    torch.testing.assert_close(merged(x), moved, rtol=1e-5, atol=1e-5)
+    assert sum(p.numel() for p in merged.parameters()) == sum(p.numel() for p in gm.parameters())
+    unmerged = rewriter.Pipeline.parse("unmerge-adapters").run(merged).graph_module
+    assert len(records(unmerged)[0].outputs) == 2
+    torch.testing.assert_close(unmerged(x), moved, rtol=1e-6, atol=1e-6)
+    path = str(tmp_path / "a.safetensors")
+    if "pissa" in method:  # the base weight is the residual: the factors alone are not enough
+        with pytest.raises(ValueError, match="residual"):
+            rewriter.adapters.save(adapted, path)
+        return
+    rewriter.adapters.save(adapted, path)
+    loaded = rewriter.adapters.load(gm, path)
+    torch.testing.assert_close(loaded(x), moved, rtol=1e-6, atol=1e-6)

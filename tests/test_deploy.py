@@ -162,14 +162,32 @@ def test_sampling_is_seeded_and_respects_top_k(embedded) -> None:
     assert torch.equal(greedy.tokens, deploy.generate(graphs, tokenizer, ["import "], 10).tokens)
 
 
-def test_adapters_on_a_step_graph_are_refused_until_they_can_be_shared() -> None:
-    config = ModelSpec("gpt2", vocab=48)
-    step = deploy.trace_causal_lm(config.build(), config.example_inputs(batch=2, seq=4)[0])
-    with pytest.raises(rewriter.PassError, match="applied 2 times"):
-        rewriter.Pipeline.parse("lora(r=2)").run(step)
-    # the supported order: adapters on the full-sequence trace, merged, then the step graph
-    names = [name for name, _ in step.named_parameters()]
-    assert names and all(n.startswith(("transformer.", "lm_head.")) for n in names), names
+@pytest.mark.parametrize("method", ["lora(r=2)", "nola(r=2,k=4,l=4)"])
+def test_adapters_on_a_step_graph_are_shared_by_both_halves(method) -> None:
+    # one adapter per module, its branch at both applications: trained on the step graph,
+    # split, it generates exactly what the merged step graph generates
+    config = ModelSpec("gpt2", vocab=48, seed=2)
+    model = config.build()
+    example = config.example_inputs(batch=2, seq=5)[0]
+    step = deploy.trace_causal_lm(model, example)
+    full = rewriter.trace(model, (example,), dynamic_shapes="auto")
+    adapted = rewriter.Pipeline.parse(method).run(step).graph_module
+    found = rewriter.adapters.records(adapted)
+    on_full = rewriter.adapters.records(rewriter.Pipeline.parse(method).run(full).graph_module)
+    assert len(found) == len(on_full) and all(len(r.outputs) == 2 for r in found)
+    batches = [
+        torch.randint(0, 48, (2, 10), generator=torch.Generator().manual_seed(i)) for i in range(3)
+    ]
+    rewriter.train(adapted, batches, steps=8, lr=5e-2, seed=0, show_progress=False)
+    ids, mask = _prompts(48, seed=3)
+    got = deploy.generate(deploy.split(adapted), None, ids, 8, attention_mask=mask).tokens
+    merged = rewriter.Pipeline.parse("merge-adapters").run(adapted).graph_module
+    assert not rewriter.adapters.records(merged)
+    want = deploy.generate(deploy.split(merged), None, ids, 8, attention_mask=mask).tokens
+    assert torch.equal(got, want)
+    pos = deploy.positions(mask)
+    with torch.no_grad():  # training moved the adapters: the merged model is not the original
+        assert not torch.allclose(merged(ids, mask, pos).logits, step(ids, mask, pos).logits)
 
 
 def test_calibrated_passes_calibrate_a_module_once_on_the_step_graph(embedded) -> None:
@@ -210,11 +228,92 @@ def test_approximate_rewrites_report_their_token_agreement(embedded) -> None:
     assert len(found[3]["candidate_texts"]) == len(prompts)
 
 
-def test_linearize_refuses_a_step_graph_for_now(embedded) -> None:
+def _greedy_without_cache(gm, ids, mask, new: int) -> torch.Tensor:
+    """Greedy tokens from a full-sequence graph, recomputing the whole sequence each step."""
+    tokens = []
+    for _ in range(new):
+        with torch.no_grad():
+            logits = gm(ids, attention_mask=mask, position_ids=deploy.positions(mask)).logits
+        token = logits[:, -1].argmax(-1, keepdim=True)
+        tokens.append(token)
+        ids, mask = torch.cat([ids, token], 1), torch.cat([mask, torch.ones_like(token)], 1)
+    return torch.cat(tokens, 1)
+
+
+@pytest.mark.parametrize(
+    ("family", "options", "spec"),
+    [
+        ("llama", {"kv_heads": 2}, "linearize(feature_map=elu)"),
+        ("gpt2", {}, "linearize(fit_steps=0,window=2,decay=lightning)"),
+        ("llama", {}, "linearize(feature_map=elu,window=3,layers='.*layers.0.*')"),
+    ],
+)
+def test_linearized_step_graph_decodes_from_a_fixed_size_state(family, options, spec) -> None:
+    # linearize on the step graph: the prefix's recurrent state becomes the cache, and the
+    # result equals linearizing the full-sequence trace, logits and greedy tokens alike
+    config = ModelSpec(family, vocab=64, layers=2, heads=4, seed=3).with_options(**options)
+    model = config.build()
+    example = config.example_inputs(batch=2, seq=6)[0]
+    ones = torch.ones_like(example)
+    full = rewriter.trace(
+        model,
+        (example,),
+        kwargs={"attention_mask": ones, "position_ids": deploy.positions(ones)},
+        dynamic_shapes="auto",
+    )
+    calibration = torch.randint(1, 64, (4, 8), generator=torch.Generator().manual_seed(0))
+
+    def linearized(gm):
+        ctx = rewriter.PassContext(calibration=calibration, progress=False, batch_size=2)
+        return rewriter.Pipeline.parse(spec).run(gm, ctx).graph_module
+
+    step = linearized(deploy.trace_causal_lm(model, example))
+    reference = linearized(full)
+    ids, mask = _prompts(64, seed=4)
+    pos = deploy.positions(mask)
+    with torch.no_grad():
+        torch.testing.assert_close(
+            step(ids, attention_mask=mask, position_ids=pos).logits,
+            reference(ids, attention_mask=mask, position_ids=pos).logits,
+            rtol=1e-4,
+            atol=1e-5,
+        )
+    graphs = deploy.split(step)
+    partial = "layers" in spec  # only layer 0 linearized: layer 1 keeps keys and values
+    kinds = {kind for _, kind in graphs.cache}
+    assert kinds >= {2, 3} and (kinds >= {0, 1}) == partial
+    got = deploy.generate(graphs, None, ids, 8, attention_mask=mask).tokens
+    assert torch.equal(got, _greedy_without_cache(reference, ids, mask, 8))
+    # the decode graph's state does not grow with the context
+    logits, cache = graphs.run_prefill(ids, mask, pos)
+    before = {name: c.shape for name, c in zip(graphs.cache_names, cache)}
+    for _ in range(3):
+        token = logits[:, -1].argmax(-1, keepdim=True)
+        mask = torch.cat([mask, torch.ones_like(token)], 1)
+        logits, cache = graphs.run_decode(token, mask, deploy.positions(mask)[:, -1:], cache)
+    for (_, kind), name, tensor in zip(graphs.cache, graphs.cache_names, cache):
+        if deploy.grows(kind):  # keys and values: one position per step
+            assert tensor.shape[2] == before[name][2] + 3, name
+        else:  # a linearized layer's state
+            assert tensor.shape == before[name], name
+
+
+def test_linearized_embedded_model_generates_in_torch_and_ort(embedded, tmp_path) -> None:
+    pytest.importorskip("onnxruntime")
     _, tokenizer, step, text = embedded
-    ctx = rewriter.PassContext(calibration=text, tokenizer=tokenizer)
-    with pytest.raises(rewriter.PassError, match="recurrent state"):
-        rewriter.Pipeline.parse("linearize").run(step, ctx)
+    ctx = rewriter.PassContext(calibration=text, tokenizer=tokenizer, progress=False)
+    spec = "linearize(fit_steps=10,calibration_batches=2,window=8)"
+    out = rewriter.Pipeline.parse(spec).run(step, ctx).graph_module
+    graphs = deploy.split(out)
+    assert all(kind >= 2 for _, kind in graphs.cache)  # no keys or values left
+    prompts = [zoo.eval_text()[i : i + 60] for i in (0, 1500)]
+    report = deploy.agreement(deploy.split(step), graphs, tokenizer, prompts, 12)
+    assert 0.0 <= report["token_agreement"] <= 1.0 and len(report["candidate_texts"]) == 2
+    ort = rewriter.backends.onnx.export_causal_lm(graphs, tmp_path)
+    assert torch.equal(
+        deploy.generate(ort, tokenizer, prompts, 12).tokens,
+        deploy.generate(graphs, tokenizer, prompts, 12).tokens,
+    )
 
 
 def test_merged_adapters_generate_like_the_merged_model(tmp_path) -> None:

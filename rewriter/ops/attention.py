@@ -40,9 +40,12 @@ __all__ = [
     "LinearAttentionState",
     "linear_attention",
     "linear_attention_chunked",
+    "linear_attention_decode",
     "linear_attention_quadratic",
     "linear_attention_recurrent",
+    "linear_attention_state",
     "linear_attention_step",
+    "state_size",
 ]
 
 CHUNK = 64
@@ -464,5 +467,270 @@ register(
         reference=linear_attention_quadratic,
         decomposition=linear_attention_chunked,
         summary="kernelized attention with an optional softmax window and per-head decay",
+    )
+)
+
+
+# --- the deployment ops: a prefix's state and one decode step ------------------------------------
+#
+# A linearized layer in a ``rewriter.deploy`` step graph caches its recurrent state instead of keys
+# and values. ``linear_attention_state`` turns a prefix into that state (what prefill returns);
+# ``linear_attention_decode`` takes one token and the state to the token's output and the next
+# state (what decode runs). The state is a list of tensors: ``[S, z]`` without a window, ``[S, z,
+# keys, values, features, valid]`` with one (:class:`LinearAttentionState`'s fields, in order).
+
+
+def state_size(window: int) -> int:
+    """How many tensors a layer's state has."""
+    return 6 if window else 2
+
+
+def linear_attention_state_reference(
+    k: torch.Tensor,
+    v: torch.Tensor,
+    phi_k: torch.Tensor,
+    key_mask: torch.Tensor | None,
+    decay: torch.Tensor | None,
+    window: int,
+) -> list[torch.Tensor]:
+    """The state :func:`linear_attention_step` holds after the T tokens of ``k``/``v``: keys older
+    than the window summed into ``S``/``z`` with weight ``gamma^(T-1-i)``, the last ``window``
+    tokens kept as they are (left-filled with invalid entries when T < window)."""
+    dtype = _compute_dtype(k)
+    batch, heads, length, _ = k.shape
+    valid = (
+        torch.ones(batch, length, dtype=torch.bool) if key_mask is None else key_mask.to(torch.bool)
+    )
+    fk = phi_k.to(dtype) * valid.to(dtype)[:, None, :, None]
+    vv = v.to(dtype)
+    age = (length - 1 - torch.arange(length)).to(dtype)  # T - 1 - i
+    weight = torch.exp(age * _log_decay(decay, heads, dtype).reshape(heads, 1)) * (age >= window)
+    weighted = fk * weight[:, :, None]
+    S = weighted.transpose(-1, -2) @ vv
+    z = weighted.sum(2)
+    if not window:
+        return [S, z]
+
+    def last(x: torch.Tensor, dim: int, fill: bool | float = 0.0) -> torch.Tensor:
+        padding = [0, 0] * (x.dim() - 1 - dim) + [window, 0]
+        return torch.nn.functional.pad(x, padding, value=fill).narrow(dim, x.shape[dim], window)
+
+    return [
+        S,
+        z,
+        last(k.to(dtype), 2),
+        last(vv, 2),
+        last(fk, 2),
+        last(valid, 1, False),
+    ]
+
+
+def linear_attention_decode_reference(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    phi_q: torch.Tensor,
+    phi_k: torch.Tensor,
+    key_valid: torch.Tensor | None,
+    decay: torch.Tensor | None,
+    window_gate: torch.Tensor | None,
+    state: list[torch.Tensor],
+    window: int,
+    scale: float,
+    eps: float,
+) -> list[torch.Tensor]:
+    """One token (``q, k, v, phi_q, phi_k`` of length 1, ``key_valid`` [B]) from ``state``:
+    ``[output, *next state]`` through :func:`linear_attention_step`."""
+    if len(state) != state_size(window):
+        raise ValueError(
+            f"linear_attention_decode: window {window} needs {state_size(window)} state "
+            f"tensors, got {len(state)}"
+        )
+    if window:
+        current = LinearAttentionState(*state)
+    else:
+        none = state[0].new_zeros(0)
+        current = LinearAttentionState(state[0], state[1], none, none, none, none.bool())
+    out, new = linear_attention_step(
+        current,
+        q[:, :, 0],
+        k[:, :, 0],
+        v[:, :, 0],
+        phi_q[:, :, 0],
+        phi_k[:, :, 0],
+        key_valid,
+        decay,
+        window_gate,
+        window,
+        scale,
+        eps,
+    )
+    fields = [new.S, new.z]
+    if window:
+        fields += [new.keys, new.values, new.features, new.valid]
+    return [out.unsqueeze(2), *fields]
+
+
+def _state_shapes(
+    k: torch.Tensor, v: torch.Tensor, phi_k: torch.Tensor, window: int
+) -> list[torch.Tensor]:
+    dtype = _compute_dtype(k)
+    batch, heads, _, dim = k.shape
+    features, width = phi_k.shape[-1], v.shape[-1]
+    shapes = [
+        k.new_empty((batch, heads, features, width), dtype=dtype),
+        k.new_empty((batch, heads, features), dtype=dtype),
+    ]
+    if window:
+        shapes += [
+            k.new_empty((batch, heads, window, dim), dtype=dtype),
+            k.new_empty((batch, heads, window, width), dtype=dtype),
+            k.new_empty((batch, heads, window, features), dtype=dtype),
+            k.new_empty((batch, window), dtype=torch.bool),
+        ]
+    return shapes
+
+
+@torch.library.custom_op("rewriter::linear_attention_state", mutates_args=())
+def linear_attention_state(
+    k: torch.Tensor,
+    v: torch.Tensor,
+    phi_k: torch.Tensor,
+    key_mask: torch.Tensor | None,
+    decay: torch.Tensor | None,
+    window: int,
+) -> list[torch.Tensor]:
+    """The decoding state after a prefix (see :func:`linear_attention_state_reference`)."""
+    return linear_attention_state_reference(k, v, phi_k, key_mask, decay, window)
+
+
+@linear_attention_state.register_fake
+def _linear_attention_state_fake(
+    k: torch.Tensor,
+    v: torch.Tensor,
+    phi_k: torch.Tensor,
+    key_mask: torch.Tensor | None,
+    decay: torch.Tensor | None,
+    window: int,
+) -> list[torch.Tensor]:
+    return _state_shapes(k, v, phi_k, window)
+
+
+@torch.library.custom_op("rewriter::linear_attention_decode", mutates_args=())
+def linear_attention_decode(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    phi_q: torch.Tensor,
+    phi_k: torch.Tensor,
+    key_valid: torch.Tensor | None,
+    decay: torch.Tensor | None,
+    window_gate: torch.Tensor | None,
+    state: list[torch.Tensor],
+    window: int,
+    scale: float,
+    eps: float,
+) -> list[torch.Tensor]:
+    """One decoding step from a state (see :func:`linear_attention_decode_reference`)."""
+    return linear_attention_decode_reference(
+        q, k, v, phi_q, phi_k, key_valid, decay, window_gate, state, window, scale, eps
+    )
+
+
+@linear_attention_decode.register_fake
+def _linear_attention_decode_fake(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    phi_q: torch.Tensor,
+    phi_k: torch.Tensor,
+    key_valid: torch.Tensor | None,
+    decay: torch.Tensor | None,
+    window_gate: torch.Tensor | None,
+    state: list[torch.Tensor],
+    window: int,
+    scale: float,
+    eps: float,
+) -> list[torch.Tensor]:
+    return [q.new_empty((*q.shape[:-1], v.shape[-1])), *(torch.empty_like(s) for s in state)]
+
+
+def _recompute_backward(reference: object, tensor_args: tuple[int, ...]) -> tuple[object, object]:
+    """Autograd for an op returning a list: save its inputs, and in backward recompute
+    ``reference`` under autograd and pull the output gradients through it."""
+
+    def setup(ctx: object, inputs: tuple, output: object) -> None:
+        ctx.inputs = inputs  # type: ignore[attr-defined]
+
+    def backward(ctx: object, grads: list[torch.Tensor | None]) -> tuple:
+        inputs = list(ctx.inputs)  # type: ignore[attr-defined]
+
+        def leaf(t: object) -> object:
+            if isinstance(t, torch.Tensor) and t.is_floating_point():
+                return t.detach().requires_grad_(True)
+            return t.detach() if isinstance(t, torch.Tensor) else t
+
+        for i in tensor_args:
+            value = inputs[i]
+            inputs[i] = [leaf(t) for t in value] if isinstance(value, list) else leaf(value)
+        with torch.enable_grad():
+            outputs = reference(*inputs)  # type: ignore[operator]
+            pairs = [(o, g) for o, g in zip(outputs, grads) if g is not None and o.requires_grad]
+            wanted = [
+                t
+                for i in tensor_args
+                for t in (inputs[i] if isinstance(inputs[i], list) else [inputs[i]])
+                if isinstance(t, torch.Tensor) and t.requires_grad
+            ]
+            found = (
+                torch.autograd.grad(
+                    [o for o, _ in pairs], wanted, [g for _, g in pairs], allow_unused=True
+                )
+                if pairs and wanted
+                else [None] * len(wanted)
+            )
+        found_iter = iter(found)
+
+        def grad_of(t: object) -> object:
+            if isinstance(t, torch.Tensor) and t.requires_grad:
+                return next(found_iter)
+            return None
+
+        result: list[object] = []
+        for i, value in enumerate(inputs):
+            if i not in tensor_args:
+                result.append(None)
+            elif isinstance(value, list):
+                result.append([grad_of(t) for t in value])
+            else:
+                result.append(grad_of(value))
+        return tuple(result)
+
+    return backward, setup
+
+
+_state_backward, _state_setup = _recompute_backward(linear_attention_state_reference, (0, 1, 2, 4))
+linear_attention_state.register_autograd(_state_backward, setup_context=_state_setup)
+_decode_backward, _decode_setup = _recompute_backward(
+    linear_attention_decode_reference, (0, 1, 2, 3, 4, 6, 7, 8)
+)
+linear_attention_decode.register_autograd(_decode_backward, setup_context=_decode_setup)
+
+register(
+    OpContract(
+        name="linear_attention_state",
+        overload=torch.ops.rewriter.linear_attention_state.default,
+        reference=linear_attention_state_reference,
+        decomposition=linear_attention_state_reference,
+        summary="a linearized layer's decoding state after a prefix (deploy: prefill's cache)",
+    )
+)
+register(
+    OpContract(
+        name="linear_attention_decode",
+        overload=torch.ops.rewriter.linear_attention_decode.default,
+        reference=linear_attention_decode_reference,
+        decomposition=linear_attention_decode_reference,
+        summary="one linear-attention decoding step from a fixed-size state (deploy: decode)",
     )
 )

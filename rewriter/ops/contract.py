@@ -17,6 +17,7 @@ Backends declare, as data, which ops they lower natively (:func:`check_lowerable
 from __future__ import annotations
 
 import dataclasses
+import operator
 from collections.abc import Callable, Collection, Sequence
 
 import torch
@@ -138,19 +139,34 @@ def _inline_decomposition(
     from rewriter.driver import Rewriter
 
     assert isinstance(rw, Rewriter)
-    tensor_positions = [i for i, a in enumerate(node.args) if isinstance(a, torch.fx.Node)]
-    fakes = [node.args[i].meta["val"] for i in tensor_positions]
+    # Tensor arguments, flattened: a node, or a node inside a list argument (a state list).
+    slots = [
+        (i, j)
+        for i, a in enumerate(node.args)
+        for j in (
+            [None]
+            if isinstance(a, torch.fx.Node)
+            else [j for j, e in enumerate(a) if isinstance(e, torch.fx.Node)]
+            if isinstance(a, (list, tuple))
+            else []
+        )
+    ]
+    inputs = [node.args[i] if j is None else node.args[i][j] for i, j in slots]
+    fakes = [n.meta["val"] for n in inputs]
 
-    def call(*tensors: torch.Tensor) -> torch.Tensor:
-        args = list(node.args)
-        for i, t in zip(tensor_positions, tensors):
-            args[i] = t
+    def call(*tensors: torch.Tensor) -> object:
+        args = [list(a) if isinstance(a, (list, tuple)) else a for a in node.args]
+        for (i, j), t in zip(slots, tensors):
+            if j is None:
+                args[i] = t
+            else:
+                args[i][j] = t
         return contract.decomposition(*args, **node.kwargs)
 
     with rw.fake_mode:
         traced = make_fx(call, tracing_mode="symbolic" if _symbolic(fakes) else "fake")(*fakes)
     env: dict[torch.fx.Node, object] = {}
-    placeholders = iter(node.args[i] for i in tensor_positions)
+    placeholders = iter(inputs)
     result = None
     for sub in traced.graph.nodes:
         if sub.op == "placeholder":
@@ -172,6 +188,15 @@ def _inline_decomposition(
             raise LoweringError(
                 f"decomposition of rewriter::{contract.name} produced a {sub.op} node", node
             )
+    if isinstance(result, (list, tuple)):  # an op returning a list: its users are getitems
+        for user in list(node.users):
+            if user.target is not operator.getitem:
+                raise LoweringError(
+                    f"rewriter::{contract.name} returns a list, used whole by '{user.name}'", node
+                )
+            rw.replace(user, result[user.args[1]], rule=f"decompose-{contract.name}")
+        rw.erase_dead(node)
+        return
     assert isinstance(result, torch.fx.Node)
     rw.replace(node, result, rule=f"decompose-{contract.name}")
 

@@ -8,8 +8,8 @@ graph is cut into a prefill graph and a decode graph after the passes have run:
   (``part=1``, the token decode sees). In the prefill graph it becomes ``x`` itself; in the
   decode graph its input becomes the one-token input.
 * ``rewriter::cache_point(x, layer, kind)``: ``x`` unchanged; a tensor prefill hands to decode
-  (``kind`` 0: keys, 1: values; a linearized layer's state uses its own kinds). The cut makes it
-  a prefill output and a decode input.
+  (``kind`` 0: keys, 1: values; 2 and up: a linearized layer's recurrent state, see
+  :data:`CACHE_KINDS`). The cut makes it a prefill output and a decode input.
 
 Both are plain slicing and identity, so a step graph runs, trains and verifies like any graph.
 """
@@ -20,10 +20,25 @@ import torch
 
 from rewriter.ops.contract import OpContract, register
 
-__all__ = ["cache_point", "step_part"]
+__all__ = ["CACHE_KINDS", "FIRST_STATE_KIND", "cache_point", "step_part"]
 
-CACHE_KINDS = {0: "keys", 1: "values"}
-"""Names of the cache kinds (linear attention adds its state kinds)."""
+CACHE_KINDS = {
+    0: "key",
+    1: "value",
+    2: "state",
+    3: "normalizer",
+    4: "window_key",
+    5: "window_value",
+    6: "window_feature",
+    7: "window_valid",
+}
+"""Names of the cache kinds: a softmax layer's keys and values (which grow by one position per
+token, along dim 2), and a linearized layer's fixed-size state, in
+``rewriter::linear_attention_state``'s order (``S``, ``z``, and with a window its last keys,
+values, key features and validity)."""
+
+FIRST_STATE_KIND = 2
+"""The kind of a linearized layer's first state tensor (``S``)."""
 
 
 def step_part_reference(x: torch.Tensor, part: int) -> torch.Tensor:
