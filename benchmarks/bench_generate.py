@@ -64,9 +64,7 @@ def _variants(threads: int, tmp: Path) -> dict[str, object]:
     return runners
 
 
-def _one(
-    runner: object, context: int, generator: torch.Generator
-) -> tuple[float, float, int]:
+def _one(runner: object, context: int, generator: torch.Generator) -> tuple[float, float, int]:
     ids = torch.randint(0, MODEL.vocab, (1, context), generator=generator)
     mask = torch.ones_like(ids)
     start = time.perf_counter()

@@ -3,6 +3,8 @@ generation that reproduces Hugging Face ``generate`` token for token, in torch a
 
 from __future__ import annotations
 
+import importlib.util
+
 import pytest
 import torch
 
@@ -35,7 +37,7 @@ def _prompts(vocab_size: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor
 
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
 @pytest.mark.parametrize("spec", ["", "canonicalize,prernorm,fold-ln"])
-def test_greedy_generation_equals_hugging_face(family: str, spec: str) -> None:
+def test_greedy_generation_equals_hugging_face(family: str, spec: str, tmp_path) -> None:
     config = ModelSpec(family, vocab=64, layers=2, seed=3)
     model = config.build()
     step = deploy.trace_causal_lm(model, config.example_inputs(batch=2, seq=5)[0])
@@ -45,7 +47,14 @@ def test_greedy_generation_equals_hugging_face(family: str, spec: str) -> None:
     graphs = deploy.split(step)
     ids, mask = _prompts(64)
     got = deploy.generate(graphs, None, ids, 8, attention_mask=mask).tokens
-    assert torch.equal(got, _hf_greedy(model, ids, mask, 8))
+    want = _hf_greedy(model, ids, mask, 8)
+    assert torch.equal(got, want)
+    if family == "llama" and spec and importlib.util.find_spec("onnxruntime"):
+        # rotary positions and RMSNorm through ONNX Runtime (GPT-2: the embedded model's test)
+        sessions = rewriter.backends.onnx.export_causal_lm(graphs, tmp_path)
+        assert torch.equal(
+            deploy.generate(sessions, None, ids, 8, attention_mask=mask).tokens, want
+        )
 
 
 def test_the_cut_graphs_agree_with_the_model_step_by_step() -> None:
