@@ -53,6 +53,10 @@ def __getattr__(name: str) -> object:
         import importlib
 
         return importlib.import_module(f"rewriter.{name}")
+    if name in ("generate", "trace_causal_lm", "split"):  # deployment, see rewriter.deploy
+        import importlib
+
+        return getattr(importlib.import_module("rewriter.deploy"), name)
     raise AttributeError(f"module 'rewriter' has no attribute {name!r}")
 
 
@@ -83,14 +87,17 @@ __all__ = [
     "adapters",
     "available_passes",
     "format_graph",
+    "generate",
     "load",
     "ops",
     "option",
     "register_pass",
     "save",
     "save_pretrained",
+    "split",
     "tokenizer_trim",
     "trace",
+    "trace_causal_lm",
     "trace_info",
     "train",
     "verify",

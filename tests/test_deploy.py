@@ -169,6 +169,7 @@ def test_sampling_is_seeded_and_respects_top_k(embedded) -> None:
     assert torch.equal(a.tokens, b.tokens) and not torch.equal(a.tokens, c.tokens)
     greedy = deploy.generate(graphs, tokenizer, ["import "], 10, do_sample=True, top_k=1)
     assert torch.equal(greedy.tokens, deploy.generate(graphs, tokenizer, ["import "], 10).tokens)
+    assert rewriter.generate is deploy.generate  # the facade's name for it
 
 
 @pytest.mark.parametrize("method", ["lora(r=2)", "nola(r=2,k=4,l=4)"])
