@@ -97,3 +97,20 @@ def test_decomposition_table_for_run_decompositions() -> None:
     decomposed = ep.run_decompositions(ops.decomposition_table(["crms_norm"]))
     assert "rewriter.crms_norm.default" not in op_counts(decomposed.module())
     torch.testing.assert_close(decomposed.module()(x), model(x))
+
+
+def test_every_op_has_samples_runs_them_and_keeps_to_its_device() -> None:
+    # every rewriter:: op: samples exist (backends test against them), the op equals its
+    # reference on them, and on meta tensors it creates nothing on another device (a reference
+    # that builds a CPU tensor would fail on a GPU)
+    from rewriter.testing import op_samples
+
+    for name, contract in ops.OPS.items():
+        for args in op_samples(name):
+            got = contract.overload(*args)
+            want = contract.reference(*args)
+            for a, b in zip(*(r if isinstance(r, list) else [r] for r in (got, want))):
+                torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+        for args in op_samples(name, device="meta"):
+            contract.reference(*args)
+            contract.decomposition(*args)

@@ -55,10 +55,12 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
-def _log_decay(decay: torch.Tensor | None, heads: int, dtype: torch.dtype) -> torch.Tensor:
+def _log_decay(
+    decay: torch.Tensor | None, heads: int, dtype: torch.dtype, device: torch.device | None = None
+) -> torch.Tensor:
     """Per-head ``log gamma`` as ``[H, 1, 1]`` (zeros without decay)."""
     if decay is None:
-        return torch.zeros(heads, 1, 1, dtype=dtype)
+        return torch.zeros(heads, 1, 1, dtype=dtype, device=device)
     return torch.log(decay.to(dtype)).reshape(heads, 1, 1)
 
 
@@ -83,10 +85,10 @@ def linear_attention_quadratic(
     dtype = _compute_dtype(q)
     heads, length, keys = q.shape[1], q.shape[2], k.shape[2]
     fq, fk, vv = phi_q.to(dtype), phi_k.to(dtype), v.to(dtype)
-    t = torch.arange(length).unsqueeze(1)
-    i = torch.arange(keys).unsqueeze(0)
+    t = torch.arange(length, device=q.device).unsqueeze(1)
+    i = torch.arange(keys, device=q.device).unsqueeze(0)
     distance = (t - i).to(dtype)
-    log_gamma = _log_decay(decay, heads, dtype)
+    log_gamma = _log_decay(decay, heads, dtype, q.device)
     linear = fq @ fk.transpose(-1, -2)  # [B, H, T, S]
     if causal:
         visible = i <= t - window
@@ -103,15 +105,20 @@ def linear_attention_quadratic(
         scores = scores.masked_fill(~band, -math.inf)
         shift = scores.amax(-1, keepdim=True)
         shift = torch.where(torch.isfinite(shift), shift, torch.zeros_like(shift))
-        gate = _gate(window_gate, heads, dtype)
+        gate = _gate(window_gate, heads, dtype, q.device)
         weights = weights + gate * torch.exp(scores - shift)
     out = (weights @ vv) / (weights.sum(-1, keepdim=True) + eps)
     return out.to(q.dtype)
 
 
-def _gate(window_gate: torch.Tensor | None, heads: int, dtype: torch.dtype) -> torch.Tensor:
+def _gate(
+    window_gate: torch.Tensor | None,
+    heads: int,
+    dtype: torch.dtype,
+    device: torch.device | None = None,
+) -> torch.Tensor:
     if window_gate is None:
-        return torch.ones(heads, 1, 1, dtype=dtype)
+        return torch.ones(heads, 1, 1, dtype=dtype, device=device)
     return window_gate.to(dtype).reshape(heads, 1, 1)
 
 
@@ -182,15 +189,15 @@ def _causal_linear(
     qc = fq.reshape(batch, heads, n, chunk, features)
     kc = fk.reshape(batch, heads, n, chunk, features)
     vc = values.reshape(batch, heads, n, chunk, values.shape[-1])
-    log_gamma = _log_decay(decay, heads, dtype).reshape(heads, 1, 1, 1)  # [H,1,1,1]
-    a = torch.arange(chunk)
+    log_gamma = _log_decay(decay, heads, dtype, fq.device).reshape(heads, 1, 1, 1)  # [H,1,1,1]
+    a = torch.arange(chunk, device=fq.device)
     rel = (a.unsqueeze(1) - a.unsqueeze(0)).to(dtype)  # a - b
     intra_decay = torch.exp(torch.clamp(rel, min=0) * log_gamma) * (rel >= 0)  # [H,1,C,C]
     intra = ((qc @ kc.transpose(-1, -2)) * intra_decay) @ vc  # [B,H,N,C,Dv+1]
     # State entering chunk n: sum_{m<n} gamma^(C(n-1-m)) U_m, U_m = sum_b gamma^(C-1-b) k_b v_b^T.
     key_weight = torch.exp((chunk - 1 - a).to(dtype) * log_gamma).reshape(heads, 1, chunk, 1)
     updates = (kc * key_weight).transpose(-1, -2) @ vc  # [B,H,N,F,Dv+1]
-    m = torch.arange(n)
+    m = torch.arange(n, device=fq.device)
     steps = (m.unsqueeze(1) - 1 - m.unsqueeze(0)).to(dtype)  # n - 1 - m
     carry = torch.exp(torch.clamp(steps, min=0) * chunk * log_gamma.reshape(heads, 1, 1)) * (
         steps >= 0
@@ -226,25 +233,27 @@ def _window_part(
     vp = torch.nn.functional.pad(values, (0, 0, window, pad))
     kb = kp.unfold(2, chunk + window, chunk).transpose(-1, -2)  # [B,H,N,C+w,D]
     vb = vp.unfold(2, chunk + window, chunk).transpose(-1, -2)
-    a = torch.arange(chunk).unsqueeze(1)
-    b = torch.arange(chunk + window).unsqueeze(0)
+    a = torch.arange(chunk, device=q.device).unsqueeze(1)
+    b = torch.arange(chunk + window, device=q.device).unsqueeze(0)
     band = (b > a) & (b <= a + window)  # t - w < i <= t
     distance = (a + window - b).to(dtype)  # t - i
     present = (
         key_mask.to(torch.bool)
         if key_mask is not None
-        else torch.ones(batch, length, dtype=torch.bool)
+        else torch.ones(batch, length, dtype=torch.bool, device=q.device)
     )
     mask = torch.nn.functional.pad(present, (window, pad))  # the front padding is no key
     valid = band & mask.unfold(1, chunk + window, chunk).unsqueeze(2)
     valid = valid.unsqueeze(1)  # [B,1,N,C,C+w]
     scores = scale * (qp @ kb.transpose(-1, -2)) + distance * _log_decay(
-        decay, heads, dtype
+        decay, heads, dtype, q.device
     ).reshape(heads, 1, 1, 1)
     scores = scores.masked_fill(~valid, -math.inf)
     shift = scores.amax(-1, keepdim=True)
     shift = torch.where(torch.isfinite(shift), shift, torch.zeros_like(shift))
-    weights = torch.exp(scores - shift) * _gate(window_gate, heads, dtype).reshape(heads, 1, 1, 1)
+    weights = torch.exp(scores - shift) * _gate(window_gate, heads, dtype, q.device).reshape(
+        heads, 1, 1, 1
+    )
     out = weights @ vb  # [B,H,N,C,Dv+1]: the last column sums the weights (values carry ones)
     return out.reshape(batch, heads, n * chunk, values.shape[-1])[:, :, :length]
 
@@ -274,14 +283,18 @@ class LinearAttentionState:
         features: int,
         window: int,
         dtype: torch.dtype = torch.float32,
+        device: torch.device | str | None = None,
     ) -> LinearAttentionState:
+        def zeros(*shape: int, kind: torch.dtype = dtype) -> torch.Tensor:
+            return torch.zeros(*shape, dtype=kind, device=device)
+
         return cls(
-            S=torch.zeros(batch, heads, features, value_dim, dtype=dtype),
-            z=torch.zeros(batch, heads, features, dtype=dtype),
-            keys=torch.zeros(batch, heads, window, head_dim, dtype=dtype),
-            values=torch.zeros(batch, heads, window, value_dim, dtype=dtype),
-            features=torch.zeros(batch, heads, window, features, dtype=dtype),
-            valid=torch.zeros(batch, window, dtype=torch.bool),
+            S=zeros(batch, heads, features, value_dim),
+            z=zeros(batch, heads, features),
+            keys=zeros(batch, heads, window, head_dim),
+            values=zeros(batch, heads, window, value_dim),
+            features=zeros(batch, heads, window, features),
+            valid=zeros(batch, window, kind=torch.bool),
         )
 
 
@@ -305,9 +318,13 @@ def linear_attention_step(
     """
     dtype = state.S.dtype
     batch, heads = q.shape[:2]
-    log_gamma = _log_decay(decay, heads, dtype).reshape(1, heads, 1)
+    log_gamma = _log_decay(decay, heads, dtype, q.device).reshape(1, heads, 1)
     gamma = torch.exp(log_gamma)
-    valid = torch.ones(batch, dtype=torch.bool) if key_valid is None else key_valid.to(torch.bool)
+    valid = (
+        torch.ones(batch, dtype=torch.bool, device=q.device)
+        if key_valid is None
+        else key_valid.to(torch.bool)
+    )
     fk = phi_k.to(dtype) * valid.to(dtype)[:, None, None]
     vv = v.to(dtype)
     if window == 0:
@@ -326,12 +343,16 @@ def linear_attention_step(
         values = torch.cat([state.values[:, :, 1:], vv.unsqueeze(2)], 2)
         features = torch.cat([state.features[:, :, 1:], fk.unsqueeze(2)], 2)
         mask = torch.cat([state.valid[:, 1:], valid.unsqueeze(1)], 1)
-        distance = torch.arange(window - 1, -1, -1, dtype=dtype)  # t - i for the buffer
+        distance = torch.arange(
+            window - 1, -1, -1, dtype=dtype, device=q.device
+        )  # t - i for the buffer
         scores = scale * (keys @ q.to(dtype).unsqueeze(-1)).squeeze(-1) + distance * log_gamma
         scores = scores.masked_fill(~mask[:, None, :], -math.inf)
         shift = scores.amax(-1, keepdim=True)
         shift = torch.where(torch.isfinite(shift), shift, torch.zeros_like(shift))
-        weights = torch.exp(scores - shift) * _gate(window_gate, heads, dtype).reshape(1, heads, 1)
+        weights = torch.exp(scores - shift) * _gate(window_gate, heads, dtype, q.device).reshape(
+            1, heads, 1
+        )
         window_num = (weights.unsqueeze(-1) * values).sum(2)
         window_den = weights.sum(-1, keepdim=True)
         new = LinearAttentionState(S, z, keys, values, features, mask)
@@ -367,6 +388,7 @@ def linear_attention_recurrent(
         phi_q.shape[-1],
         window,
         _compute_dtype(q),
+        q.device,
     )
     outputs = []
     for t in range(length):
@@ -499,12 +521,16 @@ def linear_attention_state_reference(
     dtype = _compute_dtype(k)
     batch, heads, length, _ = k.shape
     valid = (
-        torch.ones(batch, length, dtype=torch.bool) if key_mask is None else key_mask.to(torch.bool)
+        torch.ones(batch, length, dtype=torch.bool, device=k.device)
+        if key_mask is None
+        else key_mask.to(torch.bool)
     )
     fk = phi_k.to(dtype) * valid.to(dtype)[:, None, :, None]
     vv = v.to(dtype)
-    age = (length - 1 - torch.arange(length)).to(dtype)  # T - 1 - i
-    weight = torch.exp(age * _log_decay(decay, heads, dtype).reshape(heads, 1)) * (age >= window)
+    age = (length - 1 - torch.arange(length, device=k.device)).to(dtype)  # T - 1 - i
+    weight = torch.exp(age * _log_decay(decay, heads, dtype, k.device).reshape(heads, 1)) * (
+        age >= window
+    )
     weighted = fk * weight[:, :, None]
     S = weighted.transpose(-1, -2) @ vv
     z = weighted.sum(2)

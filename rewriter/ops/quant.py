@@ -81,33 +81,31 @@ def packed_shape(out_features: int, in_features: int, bits: int, group: int) -> 
 def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
     """Pack unsigned ``bits``-bit codes ``[..., G]`` (G a multiple of 8) little-endian, as uint8."""
     values = codes.to(torch.int32)
+    device = values.device
     if 8 % bits == 0:  # 2, 4, 8: whole codes per byte
         per = 8 // bits
-        shifts = (2 ** (bits * torch.arange(per, dtype=torch.int32))).to(torch.int32)
+        shifts = (2 ** (bits * torch.arange(per, dtype=torch.int32, device=device))).to(torch.int32)
         grouped = values.reshape(*values.shape[:-1], -1, per)
         return (grouped * shifts).sum(-1).to(torch.uint8)
-    powers = 2 ** torch.arange(bits, dtype=torch.int32)
+    powers = 2 ** torch.arange(bits, dtype=torch.int32, device=device)
     bit_array = torch.div(values.unsqueeze(-1), powers, rounding_mode="floor") % 2
     bytes_ = bit_array.reshape(*values.shape[:-1], -1, 8)
-    return (bytes_ * 2 ** torch.arange(8, dtype=torch.int32)).sum(-1).to(torch.uint8)
+    return (bytes_ * 2 ** torch.arange(8, dtype=torch.int32, device=device)).sum(-1).to(torch.uint8)
 
 
 def unpack(packed: torch.Tensor, bits: int) -> torch.Tensor:
     """Unsigned codes (int32) ``[..., G]`` from packed bytes ``[..., G * bits / 8]``."""
     values = packed.to(torch.int32)
+    device = values.device
     if 8 % bits == 0:
         per = 8 // bits
-        divisors = 2 ** (bits * torch.arange(per, dtype=torch.int32))
+        divisors = 2 ** (bits * torch.arange(per, dtype=torch.int32, device=device))
         codes = torch.div(values.unsqueeze(-1), divisors, rounding_mode="floor") % (2**bits)
         return codes.reshape(*values.shape[:-1], -1)
-    bit_array = (
-        torch.div(
-            values.unsqueeze(-1), 2 ** torch.arange(8, dtype=torch.int32), rounding_mode="floor"
-        )
-        % 2
-    )
+    powers = 2 ** torch.arange(8, dtype=torch.int32, device=device)
+    bit_array = torch.div(values.unsqueeze(-1), powers, rounding_mode="floor") % 2
     per_code = bit_array.reshape(*values.shape[:-1], -1, bits)
-    return (per_code * 2 ** torch.arange(bits, dtype=torch.int32)).sum(-1)
+    return (per_code * 2 ** torch.arange(bits, dtype=torch.int32, device=device)).sum(-1)
 
 
 def dequantize(
