@@ -3,7 +3,7 @@
 One module or folder per backend. Each declares, as data, the ``rewriter::`` ops it lowers
 natively (``NATIVE``); other ``rewriter::`` ops go through their ATen decompositions
 (:func:`rewriter.ops.check_lowerable`). Submodules load on first use:
-``rewriter.backends.onnx``.
+``rewriter.backends.onnx``, ``rewriter.backends.triton``.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from __future__ import annotations
 import importlib
 from types import ModuleType
 
-__all__ = ["onnx"]
+__all__ = ["onnx", "triton"]
 
 
 def __getattr__(name: str) -> ModuleType:
