@@ -32,3 +32,30 @@ def test_fuzz_campaign_sample_finds_no_mismatch() -> None:
     assert "0 failures" in done.stdout
     for family in ("gpt2", "opt", "gpt_neox", "bloom", "llama", "bert", "tenc"):
         assert family in done.stdout
+
+
+def test_triton_benchmark_dry_runs_without_a_gpu_and_checks_itself_interpreted(tmp_path) -> None:
+    import importlib.util
+
+    import pytest
+    import torch
+
+    if importlib.util.find_spec("triton") is None:
+        pytest.skip("triton is not installed")
+    script = str(ROOT / "benchmarks" / "bench_triton.py")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    if not torch.cuda.is_available():  # the plain run says why it measures nothing, exit 0
+        plain = subprocess.run(
+            [sys.executable, script], capture_output=True, text=True, env=env, timeout=300
+        )
+        assert plain.returncode == 0 and "no CUDA device" in plain.stdout, plain.stderr[-2000:]
+    # --interpret: every case at tiny sizes, kernels checked against their references
+    done = subprocess.run(
+        [sys.executable, script, "--interpret", "--repeats", "1"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "linear attention T=" in done.stdout and "goal:" in done.stdout
