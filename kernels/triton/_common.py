@@ -36,3 +36,18 @@ def warps(block: int) -> int:
     if block >= 2048:
         return 8
     return 4
+
+
+def configs(gpu: list[dict], interpreted: dict) -> list:
+    """Autotune configs: ``gpu`` (each a dict of meta-parameters plus ``num_warps`` /
+    ``num_stages``) on a device, the single ``interpreted`` config under the interpreter (a
+    single config skips benchmarking, which needs a GPU driver)."""
+    import triton
+
+    def make(entry: dict) -> object:
+        meta = {k: v for k, v in entry.items() if k not in ("num_warps", "num_stages")}
+        return triton.Config(
+            meta, num_warps=entry.get("num_warps", 4), num_stages=entry.get("num_stages", 2)
+        )
+
+    return [make(interpreted)] if interpreting() else [make(e) for e in gpu]

@@ -28,9 +28,21 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import interpreting, next_power_of_2
+from ._common import configs, interpreting, next_power_of_2
+
+_CHUNK_CONFIGS = configs(
+    [
+        {"C": 32, "BD": 32, "num_warps": 4, "num_stages": 2},
+        {"C": 64, "BD": 32, "num_warps": 4, "num_stages": 2},
+        {"C": 64, "BD": 64, "num_warps": 4, "num_stages": 2},
+        {"C": 64, "BD": 64, "num_warps": 8, "num_stages": 2},
+        {"C": 128, "BD": 64, "num_warps": 8, "num_stages": 2},
+    ],
+    {"C": 16, "BD": 32},
+)
 
 
+@triton.autotune(configs=_CHUNK_CONFIGS, key=["T", "F", "D", "HAS_MASK", "HAS_DECAY"])
 @triton.jit
 def _chunked_kernel(
     FQ,
@@ -133,13 +145,6 @@ def _chunked_kernel(
             tl.store(Z_OUT + bh * F + rf, z, mask=f_ok)
 
 
-def _blocks(features: int, width: int) -> tuple[int, int, int]:
-    bf = max(16, next_power_of_2(features))
-    if interpreting():
-        return 16, bf, max(16, min(next_power_of_2(width), 32))
-    return 64, bf, max(16, min(next_power_of_2(width), 64))
-
-
 def linear_attention_chunked(
     phi_q: torch.Tensor,
     phi_k: torch.Tensor,
@@ -150,21 +155,21 @@ def linear_attention_chunked(
     *,
     write_output: bool = True,
     return_state: bool = False,
-    chunk: int | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
     """Causal linear attention from feature maps ``[B, H, T, F]`` and values ``[B, H, T, D]``;
     output ``[B, H, T, D]`` in ``v``'s dtype, and with ``return_state`` the float32 state
     ``S [B, H, F, D]`` and ``z [B, H, F]`` after the last token."""
     batch, heads, length, features = phi_q.shape
     width = v.shape[-1]
-    c, bf, bd = _blocks(features, width)
-    c = chunk or c
     fq, fk, vv = phi_q.contiguous(), phi_k.contiguous(), v.contiguous()
     out = torch.empty_like(vv) if write_output else vv
     state = torch.zeros(batch, heads, features, width, dtype=torch.float32, device=v.device)
     normalizer = torch.zeros(batch, heads, features, dtype=torch.float32, device=v.device)
     mask = key_mask.to(torch.int8).contiguous() if key_mask is not None else fq
-    grid = (batch * heads, triton.cdiv(width, bd))
+
+    def grid(meta: dict) -> tuple[int, int]:
+        return (batch * heads, triton.cdiv(width, meta["BD"]))
+
     _chunked_kernel[grid](
         fq,
         fk,
@@ -183,9 +188,7 @@ def linear_attention_chunked(
         HAS_DECAY=decay is not None,
         WRITE_OUT=write_output,
         WRITE_STATE=return_state,
-        C=c,
-        BF=bf,
-        BD=bd,
+        BF=max(16, next_power_of_2(features)),
     )
     if return_state:
         return (out if write_output else None), state, normalizer

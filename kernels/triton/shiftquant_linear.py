@@ -7,7 +7,8 @@ tile, unpacks the codes with shifts and masks (codes of 3, 5, 6 and 7 bits strad
 bytes are read), applies ``(code - 2^(b-1)) * 2^e`` in registers and accumulates ``tl.dot`` in
 float32. The dequantized weight exists only tile by tile, never in memory. The storage format is
 the op's (``rewriter/ops/quant.py``): byte ``(i b) // 8`` of a group holds code ``i`` from bit
-``(i b) % 8``, low bits first.
+``(i b) % 8``, low bits first. Tiles are autotuned per (M, N, K, bits, group) on a GPU; the
+interpreter uses one small config.
 
 Products: float32 activations use ``tl.dot``'s IEEE float32 mode (no TF32 rounding), so results
 equal the reference up to summation order; half-precision activations multiply in their own dtype
@@ -21,9 +22,22 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import interpreting
+from ._common import configs
+
+_CONFIGS = configs(
+    [
+        {"BM": 16, "BN": 64, "BK": 64, "num_warps": 4, "num_stages": 4},
+        {"BM": 16, "BN": 128, "BK": 64, "num_warps": 4, "num_stages": 4},
+        {"BM": 32, "BN": 64, "BK": 64, "num_warps": 4, "num_stages": 4},
+        {"BM": 64, "BN": 64, "BK": 64, "num_warps": 4, "num_stages": 3},
+        {"BM": 64, "BN": 128, "BK": 64, "num_warps": 8, "num_stages": 3},
+        {"BM": 128, "BN": 128, "BK": 32, "num_warps": 8, "num_stages": 3},
+    ],
+    {"BM": 16, "BN": 16, "BK": 32},
+)
 
 
+@triton.autotune(configs=_CONFIGS, key=["M", "N", "K", "BITS", "GROUP"])
 @triton.jit
 def _shiftquant_kernel(
     X,
@@ -87,15 +101,6 @@ def _shiftquant_kernel(
     )
 
 
-def _tiles(m: int, n: int, k: int, group: int) -> tuple[int, int, int]:
-    """Tile sizes: small under the interpreter (each program runs in numpy), GPU-sized otherwise;
-    ``BK`` divides the group size or is a multiple of it."""
-    if interpreting():
-        return 16, 16, min(32, max(16, group))
-    bm = 16 if m <= 16 else 64
-    return bm, 64, 64 if group >= 64 else max(16, group)
-
-
 def shiftquant_linear(
     x: torch.Tensor,
     packed: torch.Tensor,
@@ -105,8 +110,6 @@ def shiftquant_linear(
     group: int,
     in_features: int,
     act_bits: int = 0,
-    *,
-    tiles: tuple[int, int, int] | None = None,
 ) -> torch.Tensor:
     """``rewriter::shiftquant_linear`` with activations already quantized when ``act_bits``
     (the backend does that first); output in ``x``'s dtype."""
@@ -118,8 +121,10 @@ def shiftquant_linear(
     if k != in_features:
         raise ValueError(f"x has {k} features, the weight {in_features}")
     out = torch.empty((m, n), dtype=x.dtype, device=x.device)
-    bm, bn, bk = tiles or _tiles(m, n, k, group)
-    grid = (triton.cdiv(m, bm), triton.cdiv(n, bn))
+
+    def grid(meta: dict) -> tuple[int, int]:
+        return (triton.cdiv(m, meta["BM"]), triton.cdiv(n, meta["BN"]))
+
     _shiftquant_kernel[grid](
         matrix,
         packed.contiguous(),
@@ -135,8 +140,5 @@ def shiftquant_linear(
         HAS_B=bias is not None,
         STRADDLE=8 % int(bits) != 0,
         IEEE=x.dtype == torch.float32,
-        BM=bm,
-        BN=bn,
-        BK=bk,
     )
     return out.reshape(*x.shape[:-1], n)
