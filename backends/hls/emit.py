@@ -144,7 +144,7 @@ class Lowering:
         self.constants: dict[str, tuple[str, list[int]]] = {}
         self.layers: list[dict[str, Any]] = []
         self.env: dict[torch.fx.Node, Value] = {}
-        self.tables: dict[str, str] = {}
+        self.tables: dict[str, tuple[str, str]] = {}
         self.selected = self._select(subgraph)
 
     # -- which nodes are computed -----------------------------------------------------------------
@@ -381,13 +381,20 @@ class Lowering:
 
     def table(
         self, name: str, function: Callable[[torch.Tensor], torch.Tensor], lo: float, hi: float
-    ) -> str:
-        """A tabulated function (``TABLE_POINTS + 1`` points on [lo, hi]), raw table-type bits."""
+    ) -> tuple[str, str]:
+        """A tabulated function (``TABLE_POINTS + 1`` points on [lo, hi]): its constant's name
+        and its entry type, the table precision's width with the integer bits its values need."""
         if name not in self.tables:
             points = torch.linspace(lo, hi, TABLE_POINTS + 1, dtype=torch.float64)
-            const = self.constant(f"table_{name}", function(points), self.precision.table)  # type: ignore[arg-type]
-            self.tables[name] = const.name
-        return self.tables[name]
+            values = function(points)
+            base: FixedType = self.precision.table  # type: ignore[assignment]
+            integer = max(2, math.ceil(math.log2(float(values.abs().max()) + 1)) + 1)
+            kind = FixedType(base.width, max(base.integer, integer))
+            type_name = f"t_table_{name}"
+            self.typedefs[type_name] = kind.cpp()
+            const = self.constant(f"table_{name}", values, kind)
+            self.tables[name] = (const.name, type_name)  # type: ignore[assignment]
+        return self.tables[name]  # type: ignore[return-value]
 
 
 def _flat_strides(shape: tuple[int, ...]) -> list[int]:

@@ -20,6 +20,14 @@ rw = torch.ops.rewriter
 @handles(aten.add.Tensor, aten.add.Scalar)
 def _add(lo: Lowering, node: torch.fx.Node) -> None:
     alpha = node.kwargs.get("alpha", 1)
+    operands = [lo.operand(a, node)[0] for a in node.args[:2]]
+    if alpha == 1 and all(v is not None for v in operands):
+        a, b = operands
+        if a.shape == b.shape == tuple(lo.values[node].shape):  # a residual add
+            out = lo._local(node)
+            lo.call("add", [a.ctype, b.ctype, out.ctype, out.size], [a.name, b.name, out.name])
+            lo.layer(node, "residual_add", size=out.size)
+            return
     if alpha != 1:
         lo.elementwise(
             node, list(node.args[:2]), lambda a: f"{a[0]} + acc_t({float(alpha)!r}) * {a[1]}"
@@ -73,12 +81,12 @@ def _tabulated(
     below: int,
     above: int,
 ) -> None:
-    table = lo.table(name, function, lo_x, hi_x)
+    table, table_type = lo.table(name, function, lo_x, hi_x)
     lo.elementwise(
         node,
         [node.args[0]],
         lambda a: (
-            f"rw::lookup<acc_t, t_table, {TABLE_POINTS}>"
+            f"rw::lookup<acc_t, {table_type}, {TABLE_POINTS}>"
             f"({a[0]}, {table}, {lo_x}f, {hi_x}f, {below}, {above})"
         ),
     )
@@ -408,14 +416,14 @@ def _softmax(lo: Lowering, node: torch.fx.Node) -> None:
         raise LoweringError("hls export: softmax over a dim other than the last", node)
     out = lo._local(node)
     n = x.shape[-1]
-    table = lo.table("exp", torch.exp, -16.0, 0.0)
+    table, table_type = lo.table("exp", torch.exp, -16.0, 0.0)
     lo.call(
         "softmax",
         [
             f"{x.ctype}",
             f"{out.ctype}",
             "acc_t",
-            "t_table",
+            table_type,
             f"{x.size // n}",
             f"{n}",
             f"{TABLE_POINTS}",
@@ -451,14 +459,14 @@ def _sdpa(lo: Lowering, node: torch.fx.Node) -> None:
         raise LoweringError("hls export: grouped-query attention (repeat the keys first)", node)
     out = lo._local(node)
     heads = math.prod(q.shape[:-2])
-    table = lo.table("exp", torch.exp, -16.0, 0.0)
+    table, table_type = lo.table("exp", torch.exp, -16.0, 0.0)
     lo.call(
         "softmax_attention",
         [
             f"{q.ctype}",
             f"{out.ctype}",
             "acc_t",
-            "t_table",
+            table_type,
             f"{heads}",
             f"{q.shape[-2]}",
             f"{k.shape[-2]}",

@@ -18,6 +18,16 @@ void tabulated(const IN_T x[SIZE], OUT_T y[SIZE], const int32_t table[N + 1], fl
     }
 }
 
+// Residual add of two equal-shape tensors (the transformer's skip connections).
+template <class A_T, class B_T, class OUT_T, int SIZE>
+void add(const A_T a[SIZE], const B_T b[SIZE], OUT_T y[SIZE]) {
+    RW_ADD:
+    for (int i = 0; i < SIZE; i++) {
+        #pragma HLS PIPELINE
+        y[i] = OUT_T(a[i] + b[i]);
+    }
+}
+
 template <class IN_T, class OUT_T, int SIZE>
 void relu(const IN_T x[SIZE], OUT_T y[SIZE]) {
     RW_RELU:
