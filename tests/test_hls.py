@@ -197,3 +197,22 @@ def test_tabulated_activations_error(tmp_path, module, bound) -> None:
     hls.export(rewriter.trace(module, (x,)), (x,), tmp_path)
     (got,) = hls.csim(tmp_path, [x])
     assert (got - module(x).double()).abs().max() <= bound
+
+
+def test_a_whole_model_from_token_ids_to_logits(tmp_path) -> None:
+    # embedding lookup, positions and the causal mask as constants, two blocks, the tied head
+    from rewriter.backends import hls
+
+    config = ModelSpec("gpt2", vocab=64, layers=2, heads=2, head_dim=16, seed=0)
+    model = config.build()
+    example = config.example_inputs(batch=1, seq=8)
+    gm = rewriter.trace(model, example)
+    gm = rewriter.Pipeline.parse("canonicalize,prernorm,fold-ln").run(gm).graph_module
+    project = hls.export(gm, example, tmp_path)
+    assert project.inputs[0]["type"] == "int"
+    layers = json.loads((tmp_path / "project.json").read_text())["layers"]
+    assert "embedding" in {layer["kind"] for layer in layers}
+    (got,) = hls.csim(tmp_path, [example[0]])
+    with torch.no_grad():
+        want = model(example[0]).logits.double()
+    assert (got - want).abs().max() <= TOLERANCE
