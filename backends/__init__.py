@@ -11,7 +11,7 @@ from __future__ import annotations
 import importlib
 from types import ModuleType
 
-__all__ = ["onnx", "triton"]
+__all__ = ["hls", "mlir", "onnx", "triton"]
 
 
 def __getattr__(name: str) -> ModuleType:

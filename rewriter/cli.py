@@ -2,11 +2,12 @@
 
 ``rewriter passes``
     Every registered pass with its one-line doc and options.
-``rewriter run --model MODEL --passes SPEC --out DIR [--backend onnx] [--calib TEXT|FILE]
-[--eval-text FILE] [--force]``
+``rewriter run --model MODEL --passes SPEC --out DIR [--backend onnx|mlir] [--dialect D]
+[--calib TEXT|FILE] [--eval-text FILE] [--force]``
     Trace MODEL, run the pipeline, write ``model.pt2`` (and ``model.onnx``, checked in ONNX
-    Runtime, with ``--backend onnx``) and ``report.json``, print the report table; after
-    ``vocab-trim`` the rebuilt tokenizer goes to ``tokenizer/``. MODEL is
+    Runtime, with ``--backend onnx``; ``model.mlir`` in dialect D with ``--backend mlir``, run on
+    this CPU and checked when D is linalg-on-tensors) and ``report.json``, print the report
+    table; after ``vocab-trim`` the rebuilt tokenizer goes to ``tokenizer/``. MODEL is
     ``tiny-gpt2`` (the embedded model), a local Hugging Face directory, a config ``.json`` (random
     weights), or ``package.module:factory``, which imports and runs that code (a factory returns
     a model or ``(model, tokenizer)``). Remote code in Hugging Face configs is refused.
@@ -48,7 +49,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     run.add_argument("--passes", required=True, help='pipeline spec, e.g. "canonicalize"')
     run.add_argument("--out", required=True, type=Path, help="output directory")
-    run.add_argument("--backend", choices=["onnx"], help="also export and check with this backend")
+    run.add_argument(
+        "--backend", choices=["onnx", "mlir"], help="also export (and check) with this backend"
+    )
+    run.add_argument(
+        "--dialect",
+        default="linalg-on-tensors",
+        choices=["linalg-on-tensors", "tosa", "stablehlo", "torch"],
+        help="MLIR dialect for --backend mlir (static shapes of the example input)",
+    )
     run.add_argument("--calib", help="calibration text, or a file holding it")
     run.add_argument("--eval-text", help="file with evaluation text (perplexity per pass)")
     run.add_argument("--force", action="store_true", help="replace an existing output directory")
@@ -120,7 +129,14 @@ def _run(args: argparse.Namespace) -> int:
         shutil.rmtree(out)
     out.mkdir(parents=True)
     summary = _rewrite(
-        loaded, args.passes, out, calibration, evaluation, args.backend, seq=args.seq
+        loaded,
+        args.passes,
+        out,
+        calibration,
+        evaluation,
+        args.backend,
+        seq=args.seq,
+        dialect=args.dialect,
     )
     print(f"artifacts in {out}/: " + ", ".join(sorted(p.name for p in out.iterdir())))
     return 0 if summary["ok"] else 1
@@ -257,6 +273,7 @@ def _rewrite(
     *,
     seq: int = 32,
     examples: int = 0,
+    dialect: str = "linalg-on-tensors",
 ) -> dict[str, Any]:
     """Trace, run the pipeline, verify, save, optionally export; print and write the report."""
     from rich.console import Console
@@ -311,6 +328,17 @@ def _rewrite(
         }
         print(f"ONNX Runtime vs the graph: {check}")
         summary["ok"] = summary["ok"] and check.ok
+    if backend == "mlir":
+        mlir = rewriter.backends.mlir
+        with _step(console, f"exporting to MLIR ({dialect})"):
+            exported = mlir.export(result.graph_module, (ids,), out / "model.mlir", dialect=dialect)
+        summary["mlir"] = {"dialect": dialect, "path": str(exported.path)}
+        if dialect == "linalg-on-tensors":
+            with _step(console, "running the linalg-on-tensors module on this CPU"):
+                check = mlir.check(result.graph_module, exported, (ids,))
+            summary["mlir"]["check"] = check.to_dict()
+            print(f"MLIR (linalg on CPU) vs the graph: {check}")
+            summary["ok"] = summary["ok"] and check.ok
     summary["report"] = result.report.to_dict()
     (out / "report.json").write_text(json.dumps(summary, indent=2, default=str))
     (out / "graph.txt").write_text(rewriter.format_graph(result.graph_module))

@@ -14,7 +14,7 @@ import pytest
 EXAMPLES = sorted((Path(__file__).parent.parent / "examples").glob("*.py"))
 
 
-NEEDS = {"12_triton": ("triton",), "13_hls": ("hls4ml", "g++")}
+NEEDS = {"12_triton": ("triton",), "13_hls": ("hls4ml", "g++"), "14_mlir": ("torch_mlir",)}
 """Examples that need an optional package or tool (skipped with the reason when absent)."""
 
 

@@ -184,6 +184,11 @@ def _inline_decomposition(
                 rule=f"decompose-{contract.name}",
                 meta_from=node,
             )
+        elif sub.op == "get_attr":  # a literal tensor of the decomposition (a table of powers)
+            tensor = getattr(traced, str(sub.target))
+            env[sub] = rw.add_weight(
+                f"{contract.name}_constant", tensor.detach().clone(), rule="decompose-constant"
+            )
         else:
             raise LoweringError(
                 f"decomposition of rewriter::{contract.name} produced a {sub.op} node", node

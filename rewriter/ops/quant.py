@@ -93,19 +93,30 @@ def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
     return (bytes_ * 2 ** torch.arange(8, dtype=torch.int32, device=device)).sum(-1).to(torch.uint8)
 
 
+def _powers(values: list[int], device: torch.device) -> torch.Tensor:
+    # Literal int32 constants, not ``2 ** arange``: integer ``pow`` has no lowering in MLIR's
+    # linalg and TOSA dialects, and constants fold everywhere.
+    return torch.tensor(values, dtype=torch.int32, device=device)
+
+
 def unpack(packed: torch.Tensor, bits: int) -> torch.Tensor:
-    """Unsigned codes (int32) ``[..., G]`` from packed bytes ``[..., G * bits / 8]``."""
+    """Unsigned codes (int32) ``[..., G]`` from packed bytes ``[..., G * bits / 8]``, with int32
+    floor division and remainder only (no uint8 shifts, which no MLIR dialect or HLS takes)."""
     values = packed.to(torch.int32)
     device = values.device
     if 8 % bits == 0:
         per = 8 // bits
-        divisors = 2 ** (bits * torch.arange(per, dtype=torch.int32, device=device))
+        divisors = _powers([2 ** (bits * i) for i in range(per)], device)
         codes = torch.div(values.unsqueeze(-1), divisors, rounding_mode="floor") % (2**bits)
         return codes.reshape(*values.shape[:-1], -1)
-    powers = 2 ** torch.arange(8, dtype=torch.int32, device=device)
-    bit_array = torch.div(values.unsqueeze(-1), powers, rounding_mode="floor") % 2
+    bit_array = (
+        torch.div(
+            values.unsqueeze(-1), _powers([2**i for i in range(8)], device), rounding_mode="floor"
+        )
+        % 2
+    )
     per_code = bit_array.reshape(*values.shape[:-1], -1, bits)
-    return (per_code * 2 ** torch.arange(bits, dtype=torch.int32, device=device)).sum(-1)
+    return (per_code * _powers([2**i for i in range(bits)], device)).sum(-1)
 
 
 def dequantize(

@@ -1,0 +1,410 @@
+"""MLIR backend through torch-mlir: a rewritten graph as MLIR text in the linalg-on-tensors, TOSA,
+StableHLO or torch dialect, and linalg-on-tensors executed on CPU for verification.
+
+Every ``rewriter::`` op is imported through its ATen decomposition (the op contract), and
+``aten.scaled_dot_product_attention`` through a decomposition of our own (matmul, mask, softmax,
+matmul): torch-mlir's stock one fails at batch >= 2 on Hugging Face's attention. ShiftQuant
+unpacking uses int32 floor division with literal power tables (integer ``pow`` and uint8 shifts
+have no lowering in linalg or TOSA).
+
+:func:`run` lowers linalg-on-tensors to LLVM with passes the torch-mlir wheel registers
+(bufferization, the reference backend's calling-convention rewrites, loops, LLVM) and runs it
+with MLIR's ``ExecutionEngine``; results come back through a callback per return signature.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import dataclasses
+import importlib.util
+import math
+import os
+import re
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import torch.fx
+
+from rewriter import ops
+from rewriter.errors import LoweringError
+from rewriter.graph import copy_graph_module
+from rewriter.trace import trace_info
+
+__all__ = ["DIALECTS", "LIMITS", "MlirExport", "available", "check", "export", "run"]
+
+aten = torch.ops.aten
+Dialect = Literal["linalg-on-tensors", "tosa", "stablehlo", "torch"]
+DIALECTS: tuple[str, ...] = ("linalg-on-tensors", "tosa", "stablehlo", "torch")
+
+LIMITS: dict[tuple[str, str], str] = {
+    ("dynamic", "tosa"): "TOSA needs static shapes (its lowering fails on aten.size.int)",
+    ("dynamic", "stablehlo"): "StableHLO fails on cumsum with dynamic shapes",
+}
+"""(graph kind, dialect) pairs known not to lower, with why (measured; ``docs/backends.md``)."""
+
+
+def available() -> tuple[bool, str]:
+    if importlib.util.find_spec("torch_mlir") is None:
+        return False, "torch-mlir is not installed (pip install 'rewriter[mlir]', Python 3.11)"
+    return True, "torch-mlir"
+
+
+@dataclasses.dataclass
+class MlirExport:
+    """MLIR text of a graph, where it was written, and its signature."""
+
+    text: str
+    dialect: str
+    path: Path | None
+    input_shapes: list[list[int]]
+    decomposed: list[str]
+    """The ``rewriter::`` ops imported through their decompositions."""
+    module: Any = dataclasses.field(default=None, repr=False)
+    """The live torch-mlir module (its context knows torch-mlir's own dialects)."""
+
+
+# --- export ---------------------------------------------------------------------------------------
+
+
+def _sdpa(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    attn_mask: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+    is_causal: bool = False,
+    scale: float | None = None,
+    enable_gqa: bool = False,
+) -> torch.Tensor:
+    """Scaled dot-product attention as matmul, additive mask, softmax, matmul (any batch)."""
+    if dropout_p:
+        raise LoweringError("attention dropout cannot be exported (eval graphs have none)")
+    if enable_gqa and k.shape[-3] != q.shape[-3]:
+        repeat = q.shape[-3] // k.shape[-3]
+        k = k.repeat_interleave(repeat, -3)
+        v = v.repeat_interleave(repeat, -3)
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    scores = (q @ k.transpose(-2, -1)) * scale
+    if is_causal:
+        t, s = q.shape[-2], k.shape[-2]
+        keep = torch.ones(t, s, dtype=torch.bool, device=q.device).tril(s - t)
+        scores = scores.masked_fill(~keep, float("-inf"))
+    if attn_mask is not None:
+        if attn_mask.dtype == torch.bool:
+            scores = scores.masked_fill(~attn_mask, float("-inf"))
+        else:
+            scores = scores + attn_mask
+    return torch.softmax(scores, -1) @ v
+
+
+_SDPA = ops.OpContract(
+    name="scaled_dot_product_attention",
+    overload=aten.scaled_dot_product_attention.default,
+    reference=_sdpa,
+    decomposition=_sdpa,
+    summary="attention as matmul, mask, softmax, matmul",
+)
+
+
+def _decompose_attention(gm: torch.fx.GraphModule) -> None:
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    from rewriter.driver import Rewriter
+    from rewriter.ops.contract import _inline_decomposition
+
+    rw = Rewriter(gm, pass_name="mlir-export")
+    for node in list(gm.graph.find_nodes(op="call_function", target=_SDPA.overload)):
+        _inline_decomposition(rw, node, _SDPA, make_fx)
+    rw.finish(prune_weights=False)
+
+
+def export(
+    gm: torch.fx.GraphModule,
+    example_inputs: Sequence[torch.Tensor] | None = None,
+    path: str | os.PathLike[str] | None = None,
+    *,
+    dialect: Dialect = "linalg-on-tensors",
+    dynamic: bool = False,
+) -> MlirExport:
+    """MLIR text of ``gm`` (not changed) in ``dialect``, written to ``path`` when given.
+
+    Shapes are static (the example inputs', by default the trace's) unless ``dynamic``, which
+    keeps the trace's dynamic dims and only lowers to linalg-on-tensors and torch (``LIMITS``).
+    """
+    runs, why = available()
+    if not runs:
+        raise LoweringError(f"MLIR export: {why}")
+    if dialect not in DIALECTS:
+        raise LoweringError(f"MLIR export: unknown dialect {dialect!r} (one of {DIALECTS})")
+    if dynamic and ("dynamic", dialect) in LIMITS:
+        raise LoweringError(
+            f"MLIR export: {LIMITS[('dynamic', dialect)]}; export with static shapes"
+        )
+    info = trace_info(gm)
+    if example_inputs is None:
+        if info is None or info.example_inputs is None:
+            raise LoweringError("MLIR export needs example inputs (the graph has no trace info)")
+        example_inputs = info.example_inputs
+    args = tuple(example_inputs)
+    work = copy_graph_module(gm)
+    decomposed = sorted(ops.rewriter_nodes(work))
+    ops.decompose(work)
+    _decompose_attention(work)
+    if not dynamic:  # fixed shapes: size arithmetic and what depends only on it become constants
+        from rewriter.trace import trace
+
+        work = trace(_Positional(work), args)
+    _fold_constants(work, args)
+    from torch_mlir import fx
+
+    dynamic_shapes = None
+    if dynamic:
+        batch, seq = torch.export.Dim("batch"), torch.export.Dim("seq")
+        # one entry for _Positional's *args, itself a tuple with one dict per input
+        dynamic_shapes = (tuple({0: batch, 1: seq} if a.dim() >= 2 else {} for a in args),)
+    try:
+        module = fx.export_and_import(
+            _Positional(work), *args, output_type=dialect, dynamic_shapes=dynamic_shapes
+        )
+    except Exception as error:  # torch-mlir reports lowering failures as plain exceptions
+        lines = [line for line in str(error).splitlines() if "error:" in line] or [str(error)]
+        raise LoweringError(
+            f"MLIR export to {dialect} failed: {lines[0].split('error:')[-1].strip()[:400]}"
+        ) from error
+    if not module.operation.verify():
+        raise LoweringError(f"the {dialect} module torch-mlir produced does not verify")
+    text = str(module)
+    target = Path(path) if path is not None else None
+    if target is not None:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text(text)
+    return MlirExport(text, dialect, target, [list(a.shape) for a in args], decomposed, module)
+
+
+def _fold_constants(gm: torch.fx.GraphModule, args: tuple[torch.Tensor, ...]) -> None:
+    """Replace every value that does not depend on the inputs (masks, positions, rotary tables,
+    unpacked weights) by a constant: simpler MLIR, and no ``cumsum`` scan (``tm_tensor``, which
+    the wheel's Python context cannot parse back)."""
+    from rewriter.store import weights
+
+    dependent: set[torch.fx.Node] = set()
+    for node in gm.graph.nodes:
+        if node.op == "placeholder" or any(a in dependent for a in node.all_input_nodes):
+            dependent.add(node)
+    frontier = [
+        n
+        for n in gm.graph.nodes
+        if n.op == "call_function" and n not in dependent and any(u in dependent for u in n.users)
+    ]
+    if not frontier:
+        return
+    values: dict[torch.fx.Node, Any] = {}
+
+    class Recorder(torch.fx.Interpreter):
+        def run_node(self, n: torch.fx.Node) -> Any:
+            result = super().run_node(n)
+            if n in wanted:
+                values[n] = result
+            return result
+
+    wanted = set(frontier)
+    with torch.no_grad():
+        Recorder(gm).run(*args)
+    store = weights(gm)
+    for node in frontier:
+        value = values.get(node)
+        if not isinstance(value, torch.Tensor):
+            continue
+        name = store.fresh_name(f"folded_{node.name}")
+        gm.register_buffer(name, value.detach().clone())
+        with gm.graph.inserting_before(node):
+            constant = gm.graph.get_attr(name)
+        constant.meta = dict(node.meta)
+        node.replace_all_uses_with(constant)
+    gm.graph.eliminate_dead_code()
+    gm.recompile()
+
+
+class _Positional(torch.nn.Module):
+    """The graph with positional inputs and a flat tuple of tensor outputs (what MLIR returns)."""
+
+    def __init__(self, gm: torch.fx.GraphModule) -> None:
+        super().__init__()
+        self.gm = gm
+
+    def forward(self, *args: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        out = self.gm(*args)
+        flat, _ = torch.utils._pytree.tree_flatten(out)
+        return tuple(t for t in flat if isinstance(t, torch.Tensor))
+
+
+# --- execution ------------------------------------------------------------------------------------
+
+
+def _lowering(verify: bool) -> str:
+    passes = [
+        "func.func(linalg-generalize-named-ops)",
+        "func.func(linalg-fuse-elementwise-ops)",
+        "convert-shape-to-std",
+        "func.func(refback-generalize-tensor-pad)",
+        "func.func(refback-generalize-tensor-concat)",
+        "func.func(tm-tensor-bufferize)",
+        "one-shot-bufferize{copy-before-write bufferize-function-boundaries "
+        "function-boundary-type-conversion=identity-layout-map}",
+        "refback-mlprogram-bufferize",
+        "func.func(buffer-deallocation-pipeline)",
+        "inline",
+        "refback-munge-calling-conventions",
+        "func.func(tm-tensor-to-loops)",
+        "func.func(refback-munge-memref-copy)",
+        "func.func(convert-linalg-to-loops)",
+        "func.func(lower-affine)",
+        "convert-scf-to-cf",
+    ]
+    if verify:
+        passes.append("generate-runtime-verification")
+    passes += [
+        "func.func(refback-expand-ops-for-llvm)",
+        "func.func(arith-expand)",
+        "func.func(convert-math-to-llvm)",
+        "convert-math-to-libm",
+        "expand-strided-metadata",
+        "finalize-memref-to-llvm",
+        "lower-affine",
+        "convert-bufferization-to-memref",
+        "finalize-memref-to-llvm",
+        "func.func(convert-arith-to-llvm)",
+        "convert-vector-to-llvm",
+        "convert-func-to-llvm",
+        "convert-cf-to-llvm",
+        "convert-complex-to-llvm",
+        "reconcile-unrealized-casts",
+    ]
+    return "builtin.module(" + ",".join(passes) + ")"
+
+
+_RETURN_PREFIX = "refbackend_consume_func_return_"
+_NUMPY = {"mrf16": "float16", "mrf32": "float32", "mrf64": "float64", "mri1": "bool",
+          "mri8": "int8", "mri32": "int32", "mri64": "int64"}  # fmt: skip
+
+
+def run(
+    source: str | os.PathLike[str] | MlirExport,
+    inputs: Sequence[torch.Tensor],
+    *,
+    function: str = "main",
+    verify: bool = False,
+) -> list[torch.Tensor]:
+    """Compile linalg-on-tensors MLIR (text, a file, or an :class:`MlirExport`) to LLVM and run
+    ``function`` on ``inputs`` on this CPU; returns its results as tensors."""
+    runs, why = available()
+    if not runs:
+        raise LoweringError(f"MLIR run: {why}")
+    import numpy as np
+    from torch_mlir import ir, passmanager
+    from torch_mlir.execution_engine import ExecutionEngine
+    from torch_mlir.runtime import get_unranked_memref_descriptor
+
+    if isinstance(source, MlirExport):
+        if source.dialect != "linalg-on-tensors":
+            raise LoweringError(f"MLIR run executes linalg-on-tensors, not {source.dialect}")
+        text = source.text
+    elif isinstance(source, (str, os.PathLike)) and Path(source).exists():
+        text = Path(source).read_text()
+    else:
+        text = str(source)
+    from torch_mlir.dialects import torch as torch_dialect
+
+    signature = re.search(r"func\.func @" + re.escape(function) + r"\(([^)]*)\)", text)
+    if signature and "?" in signature.group(1):
+        raise LoweringError(
+            "MLIR run: the module has dynamic shapes; the reference lowering of this torch-mlir "
+            "wheel computes NaN for them (measured on GPT-2, any input size). Export with static "
+            "shapes to execute; the dynamic module is for downstream compilers (IREE)"
+        )
+    live = source.module if isinstance(source, MlirExport) else None
+    with live.context if live is not None else ir.Context() as context:
+        if live is None:
+            torch_dialect.register_dialect(context)
+        try:
+            module = ir.Module.parse(text)
+        except Exception as error:
+            raise LoweringError(
+                f"MLIR run cannot parse the module: {str(error).splitlines()[1][:300]} (a "
+                "tm_tensor op from a dynamic-shape export: run the MlirExport object, or export "
+                "with static shapes)"
+            ) from error
+        try:
+            passmanager.PassManager.parse(_lowering(verify)).run(module.operation)
+        except Exception as error:
+            raise LoweringError(f"lowering linalg-on-tensors to LLVM failed: {error}") from error
+        engine = ExecutionEngine(module)
+        result: dict[str, Any] = {}
+        callbacks = _consumers(module, engine, result)  # alive while the engine runs
+        arrays = [np.ascontiguousarray(t.detach().cpu().numpy()) for t in inputs]  # kept alive
+        arguments = [
+            ctypes.pointer(ctypes.pointer(get_unranked_memref_descriptor(array)))
+            for array in arrays
+        ]
+        engine.invoke(function, *arguments)
+    del callbacks
+    if "values" not in result:
+        raise LoweringError(f"MLIR run: '{function}' returned nothing")
+    return [torch.from_numpy(v) for v in result["values"]]
+
+
+def _consumers(module: Any, engine: Any, result: dict[str, Any]) -> list[Any]:
+    """Register a callback for each return signature the calling-convention pass made: the
+    lowered function hands its results to ``refbackend_consume_func_return_<types>``."""
+    import numpy as np
+    from torch_mlir.runtime import UnrankedMemRefDescriptor, unranked_memref_to_numpy
+
+    callbacks = []
+    for op in module.body.operations:
+        name = str(op.attributes["sym_name"]).strip('"') if "sym_name" in op.attributes else ""
+        if not name.startswith(_RETURN_PREFIX):
+            continue
+        kinds = name[len(_RETURN_PREFIX) :].split("_")
+        prototype = ctypes.CFUNCTYPE(None, *[ctypes.POINTER(ctypes.c_void_p) for _ in kinds])
+
+        def consume(*pointers: Any, kinds: list[str] = kinds) -> None:
+            values = []
+            for pointer, kind in zip(pointers, kinds):
+                descriptor = ctypes.cast(pointer, ctypes.POINTER(UnrankedMemRefDescriptor))
+                view = unranked_memref_to_numpy(descriptor, np.dtype(_NUMPY[kind]))
+                values.append(np.array(view, copy=True))  # the buffer is freed after the call
+            result["values"] = values
+
+        callback = prototype(consume)
+        callbacks.append(callback)
+        engine.register_runtime(name, callback)
+    return callbacks
+
+
+def check(
+    gm: torch.fx.GraphModule,
+    exported: MlirExport | str | os.PathLike[str],
+    inputs: Sequence[torch.Tensor] | None = None,
+    *,
+    rtol: float | None = None,
+    atol: float | None = None,
+) -> Any:
+    """Run ``gm`` and the linalg-on-tensors export on the same inputs; the error report
+    (``rewriter.verify``'s tolerance rule)."""
+    from rewriter.verify import compare_outputs, outputs
+
+    info = trace_info(gm)
+    if inputs is None:
+        if info is None:
+            raise ValueError("check() needs inputs for a graph not made by rewriter.trace")
+        inputs = info.example_inputs
+    inputs = tuple(inputs)
+    with torch.no_grad():
+        if info is not None:
+            args, kwargs = info.call_inputs(inputs)
+            reference = outputs(gm(*args, **kwargs))
+        else:
+            reference = outputs(gm(*inputs))
+    return compare_outputs(reference, run(exported, inputs), rtol, atol)
