@@ -43,9 +43,9 @@ with tempfile.TemporaryDirectory() as tmp:
 # Linearized attention deploys with a fixed-size cache: each layer's recurrent state (S, z)
 # replaces its keys and values, so decode memory does not grow with the context.
 calibration = rewriter.PassContext(
-    calibration=rewriter.zoo.calibration_text()[:40000], tokenizer=tokenizer, progress=False
+    calibration=rewriter.zoo.calibration_text()[:20000], tokenizer=tokenizer, progress=False
 )
-linear = rewriter.Pipeline.parse("linearize").run(step, calibration)  # attention transfer
+linear = rewriter.Pipeline.parse("linearize(fit_steps=40)").run(step, calibration)  # transfer
 linear_graphs = deploy.split(linear.graph_module)
 print(f"linearized decode cache: {linear_graphs.cache_names[:2]} ...")
 report = deploy.agreement(graphs, linear_graphs, tokenizer, prompts, 16)
