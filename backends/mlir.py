@@ -394,6 +394,7 @@ def check(
     """Run ``gm`` and the linalg-on-tensors export on the same inputs; the error report
     (``rewriter.verify``'s tolerance rule)."""
     from rewriter.verify import compare_outputs, outputs
+    from rewriter.verify import run as run_graph
 
     info = trace_info(gm)
     if inputs is None:
@@ -401,10 +402,5 @@ def check(
             raise ValueError("check() needs inputs for a graph not made by rewriter.trace")
         inputs = info.example_inputs
     inputs = tuple(inputs)
-    with torch.no_grad():
-        if info is not None:
-            args, kwargs = info.call_inputs(inputs)
-            reference = outputs(gm(*args, **kwargs))
-        else:
-            reference = outputs(gm(*inputs))
+    reference = outputs(run_graph(gm, inputs, None))
     return compare_outputs(reference, run(exported, inputs), rtol, atol)

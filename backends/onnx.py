@@ -44,6 +44,7 @@ from rewriter.errors import LoweringError, RewriterError
 from rewriter.graph import copy_graph_module, output_names
 from rewriter.trace import TraceInfo, trace_info
 from rewriter.verify import ErrorReport, compare_outputs, outputs
+from rewriter.verify import run as run_graph
 
 __all__ = [
     "NATIVE",
@@ -851,12 +852,7 @@ def check(
             raise ValueError("check() needs inputs for a graph not made by rewriter.trace")
         inputs = info.example_inputs
     inputs = tuple(inputs)
-    with torch.no_grad():
-        if info is not None:
-            args, kwargs = info.call_inputs(inputs)
-            reference = outputs(gm(*args, **kwargs))
-        else:
-            reference = outputs(gm(*inputs))
+    reference = outputs(run_graph(gm, inputs, None))
     sess = sess or session(path)
     got = [torch.from_numpy(np.asarray(a)) for a in run(sess, inputs)]
     return compare_outputs(reference, got, rtol, atol)
