@@ -321,8 +321,9 @@ def run(
     if signature and "?" in signature.group(1):
         raise LoweringError(
             "MLIR run: the module has dynamic shapes; the reference lowering of this torch-mlir "
-            "wheel computes NaN for them (measured on GPT-2, any input size). Export with static "
-            "shapes to execute; the dynamic module is for downstream compilers (IREE)"
+            "wheel computes NaN for them and writes out of bounds (measured on GPT-2: heap "
+            "corruption). Export with static shapes to execute; the dynamic module is for "
+            "downstream compilers (IREE)"
         )
     live = source.module if isinstance(source, MlirExport) else None
     with live.context if live is not None else ir.Context() as context:
