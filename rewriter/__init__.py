@@ -36,6 +36,7 @@ from rewriter.spec import Budget
 from rewriter.store import Edit, weights
 from rewriter.trace import TraceInfo, trace, trace_info
 from rewriter.train import TrainReport, train
+from rewriter.weightless import trace_weightless
 
 __version__ = "0.1.0"
 
@@ -99,6 +100,7 @@ __all__ = [
     "trace",
     "trace_causal_lm",
     "trace_info",
+    "trace_weightless",
     "train",
     "verify",
     "vocab",

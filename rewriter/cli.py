@@ -175,13 +175,9 @@ def _load_model(spec: str) -> _Loaded:
 
 
 def _refuse_remote_code(config: dict[str, Any], where: Path) -> None:
-    from rewriter.errors import RewriterError
+    from rewriter.weightless import refuse_remote_code
 
-    if "auto_map" in config:
-        raise RewriterError(
-            f"{where} asks for remote code (auto_map); rewriter never sets trust_remote_code. "
-            "Load the model yourself and pass it as package.module:factory if you trust it."
-        )
+    refuse_remote_code(config, where)
 
 
 def _model_class(config: Any) -> Any:

@@ -74,6 +74,12 @@ def copy_graph_module(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
 _DEFAULT_INPUTS = ("attention_mask", "position_ids")
 
 
+def is_weightless(gm: torch.nn.Module) -> bool:
+    """Whether ``gm`` holds its tensors on the meta device (traced without weights): its
+    structure can be analysed and rewritten, its outputs cannot be computed."""
+    return any(t.device.type == "meta" for t in [*gm.parameters(), *gm.buffers()] if t is not None)
+
+
 def feed(gm: torch.fx.GraphModule, batch: Any) -> Any:
     """Call ``gm`` on a calibration batch: a [B, T] id tensor or a dict of named inputs.
 

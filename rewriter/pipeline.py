@@ -33,7 +33,7 @@ import torch.fx
 from rewriter import verify, vocab
 from rewriter.context import PassContext, is_text
 from rewriter.errors import PassError, PreconditionError, RewriterError, SpecError
-from rewriter.graph import copy_graph_module, format_graph
+from rewriter.graph import copy_graph_module, format_graph, is_weightless
 from rewriter.spec import Budget, ParsedStep, parse_pipeline
 from rewriter.trace import trace_info
 
@@ -386,8 +386,9 @@ class Pipeline:
         disabled = {
             n.strip() for n in os.environ.get("REWRITER_DISABLE", "").split(",") if n.strip()
         }
-        examples = _example_inputs(gm, ctx)
-        evaluation = _Evaluation(ctx, gm)
+        weightless = is_weightless(gm)
+        examples = None if weightless else _example_inputs(gm, ctx)
+        evaluation = _Evaluation(ctx, gm, enabled=not weightless)
         input_vocab = vocab.vocab_map(gm)
         report.baseline.update(evaluation(gm))
         current = gm
@@ -440,6 +441,11 @@ class Pipeline:
             self._save_reproducer(ctx, gm, step, ran)
             if isinstance(error, PassError):
                 raise
+            if is_weightless(gm) and "meta" in str(error):
+                error = PreconditionError(
+                    f"pass '{step.name}' reads weight values or runs the graph, and this graph is "
+                    f"weightless (traced on the meta device): run it on a loaded model ({error})"
+                )
             raise PassError(step.spec(), error, ran, node) from error
         seconds = time.perf_counter() - start
         out = result.graph_module
@@ -505,9 +511,9 @@ class _Evaluation:
     are (removed targets are not counted).
     """
 
-    def __init__(self, ctx: PassContext, gm: torch.fx.GraphModule) -> None:
+    def __init__(self, ctx: PassContext, gm: torch.fx.GraphModule, *, enabled: bool = True) -> None:
         self.ctx = ctx
-        self.ids = ctx.evaluation_ids() if ctx.evaluation is not None else None
+        self.ids = ctx.evaluation_ids() if ctx.evaluation is not None and enabled else None
         self.vocab = vocab.vocab_map(gm)
 
     def __call__(self, gm: torch.fx.GraphModule) -> dict[str, float]:
