@@ -29,7 +29,7 @@ import torch.fx
 
 from rewriter import ops
 from rewriter.errors import LoweringError
-from rewriter.graph import copy_graph_module
+from rewriter.graph import copy_graph_module, input_dependent, node_values
 from rewriter.trace import trace_info
 
 __all__ = ["DIALECTS", "LIMITS", "MlirExport", "available", "check", "export", "run"]
@@ -108,18 +108,6 @@ _SDPA = ops.OpContract(
 )
 
 
-def _decompose_attention(gm: torch.fx.GraphModule) -> None:
-    from torch.fx.experimental.proxy_tensor import make_fx
-
-    from rewriter.driver import Rewriter
-    from rewriter.ops.contract import _inline_decomposition
-
-    rw = Rewriter(gm, pass_name="mlir-export")
-    for node in list(gm.graph.find_nodes(op="call_function", target=_SDPA.overload)):
-        _inline_decomposition(rw, node, _SDPA, make_fx)
-    rw.finish(prune_weights=False)
-
-
 def export(
     gm: torch.fx.GraphModule,
     example_inputs: Sequence[torch.Tensor] | None = None,
@@ -150,8 +138,7 @@ def export(
     args = tuple(example_inputs)
     work = copy_graph_module(gm)
     decomposed = sorted(ops.rewriter_nodes(work))
-    ops.decompose(work)
-    _decompose_attention(work)
+    ops.decompose(work, extra=[_SDPA])  # every rewriter:: op, and attention our way
     if not dynamic:  # fixed shapes: size arithmetic and what depends only on it become constants
         from rewriter.trace import trace
 
@@ -189,10 +176,7 @@ def _fold_constants(gm: torch.fx.GraphModule, args: tuple[torch.Tensor, ...]) ->
     the wheel's Python context cannot parse back)."""
     from rewriter.store import weights
 
-    dependent: set[torch.fx.Node] = set()
-    for node in gm.graph.nodes:
-        if node.op == "placeholder" or any(a in dependent for a in node.all_input_nodes):
-            dependent.add(node)
+    dependent = input_dependent(gm)
     frontier = [
         n
         for n in gm.graph.nodes
@@ -200,18 +184,8 @@ def _fold_constants(gm: torch.fx.GraphModule, args: tuple[torch.Tensor, ...]) ->
     ]
     if not frontier:
         return
-    values: dict[torch.fx.Node, Any] = {}
-
-    class Recorder(torch.fx.Interpreter):
-        def run_node(self, n: torch.fx.Node) -> Any:
-            result = super().run_node(n)
-            if n in wanted:
-                values[n] = result
-            return result
-
     wanted = set(frontier)
-    with torch.no_grad():
-        Recorder(gm).run(*args)
+    values = node_values(gm, args, keep=wanted.__contains__)
     store = weights(gm)
     for node in frontier:
         value = values.get(node)
@@ -394,14 +368,7 @@ def check(
 ) -> Any:
     """Run ``gm`` and the linalg-on-tensors export on the same inputs; the error report
     (``rewriter.verify``'s tolerance rule)."""
-    from rewriter.verify import compare_outputs, outputs
-    from rewriter.verify import run as run_graph
+    from rewriter.verify import compare_outputs, graph_reference
 
-    info = trace_info(gm)
-    if inputs is None:
-        if info is None:
-            raise ValueError("check() needs inputs for a graph not made by rewriter.trace")
-        inputs = info.example_inputs
-    inputs = tuple(inputs)
-    reference = outputs(run_graph(gm, inputs, None))
+    inputs, reference = graph_reference(gm, inputs)
     return compare_outputs(reference, run(exported, inputs), rtol, atol)

@@ -43,8 +43,7 @@ from rewriter import ops
 from rewriter.errors import LoweringError, RewriterError
 from rewriter.graph import copy_graph_module, output_names
 from rewriter.trace import TraceInfo, trace_info
-from rewriter.verify import ErrorReport, compare_outputs, outputs
-from rewriter.verify import run as run_graph
+from rewriter.verify import ErrorReport, compare_outputs, graph_reference
 
 __all__ = [
     "NATIVE",
@@ -846,13 +845,7 @@ def check(
     sess: Any = None,
 ) -> ErrorReport:
     """Run ``gm`` and the ONNX model on the same inputs and report the error (tolerance rule)."""
-    info = trace_info(gm)
-    if inputs is None:
-        if info is None:
-            raise ValueError("check() needs inputs for a graph not made by rewriter.trace")
-        inputs = info.example_inputs
-    inputs = tuple(inputs)
-    reference = outputs(run_graph(gm, inputs, None))
+    inputs, reference = graph_reference(gm, inputs)
     sess = sess or session(path)
     got = [torch.from_numpy(np.asarray(a)) for a in run(sess, inputs)]
     return compare_outputs(reference, got, rtol, atol)

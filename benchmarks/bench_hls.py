@@ -30,7 +30,6 @@ import torch
 sys.path.insert(0, os.path.dirname(__file__))
 from _common import RESULTS, write
 from rewriter.backends import hls
-from rewriter.backends.hls.emit import _evaluate
 
 import rewriter
 from rewriter.families import ModelSpec
@@ -65,9 +64,7 @@ def _blocks() -> dict[str, tuple]:
 
 def _error(gm, example, subgraph, precision, directory: Path) -> tuple[float, dict]:
     project = hls.export(gm, example, directory, precision=precision, subgraph=subgraph)
-    values = {node.name: value for node, value in _evaluate(gm, example).items()}
-    inputs = [values[p["name"].removeprefix("in_")] for p in project.inputs]
-    wants = [values[p["name"].removeprefix("out_v_")] for p in project.outputs]
+    inputs, wants = hls.port_values(gm, example, project)
     gots = hls.csim(directory, inputs)
     error = max(float((g - w.double()).abs().max()) for g, w in zip(gots, wants))
     return error, project.resources

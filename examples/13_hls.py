@@ -30,11 +30,8 @@ with tempfile.TemporaryDirectory() as tmp:
     total = project.resources["total"]
     print(f"modelled: {total['dsp']} DSPs, {total['bram18']} BRAM18 (4-bit linears use no DSP)")
 
-    # the block's input is the residual stream entering it: take it from the graph
-    hidden = rewriter.backends.hls.emit._evaluate(rewritten, example)
-    values = {node.name: value for node, value in hidden.items()}
-    block_input = values[project.inputs[0]["name"].removeprefix("in_")]
-    want = values[project.outputs[0]["name"].removeprefix("out_v_")]
+    # the block's input is the residual stream entering it, taken from the graph
+    (block_input,), (want,) = hls.port_values(rewritten, example, project)
     (got,) = hls.csim(out, [block_input])
     error = (got - want.double()).abs().max().item()
     print(f"C simulation vs graph at ap_fixed<18,8>: max abs error {error:.2e}")

@@ -11,7 +11,7 @@ import copy
 import dataclasses
 import operator
 import warnings
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import sympy
@@ -78,6 +78,39 @@ def is_weightless(gm: torch.nn.Module) -> bool:
     """Whether ``gm`` holds its tensors on the meta device (traced without weights): its
     structure can be analysed and rewritten, its outputs cannot be computed."""
     return any(t.device.type == "meta" for t in [*gm.parameters(), *gm.buffers()] if t is not None)
+
+
+def input_dependent(gm: torch.fx.GraphModule) -> set[torch.fx.Node]:
+    """The nodes whose value depends on the graph's inputs (placeholders and what they reach);
+    every other node is a constant of the weights and the graph's structure."""
+    dependent: set[torch.fx.Node] = set()
+    for node in gm.graph.nodes:
+        if node.op == "output":
+            continue
+        if node.op == "placeholder" or any(a in dependent for a in node.all_input_nodes):
+            dependent.add(node)
+    return dependent
+
+
+def node_values(
+    gm: torch.fx.GraphModule,
+    args: Sequence[Any],
+    keep: Callable[[torch.fx.Node], bool] | None = None,
+) -> dict[torch.fx.Node, Any]:
+    """Run ``gm`` on positional ``args`` (no grad) and return the value of every node ``keep``
+    selects (all by default)."""
+    values: dict[torch.fx.Node, Any] = {}
+
+    class Recorder(torch.fx.Interpreter):
+        def run_node(self, n: torch.fx.Node) -> Any:
+            result = super().run_node(n)
+            if keep is None or keep(n):
+                values[n] = result
+            return result
+
+    with torch.no_grad():
+        Recorder(gm).run(*args)
+    return values
 
 
 def feed(gm: torch.fx.GraphModule, batch: Any) -> Any:

@@ -153,6 +153,20 @@ def run(model: torch.nn.Module, inputs: Sequence[torch.Tensor], info: TraceInfo 
         return model(*args, **kwargs)
 
 
+def graph_reference(
+    gm: torch.fx.GraphModule, inputs: Sequence[torch.Tensor] | None = None
+) -> tuple[tuple[torch.Tensor, ...], list[torch.Tensor]]:
+    """The inputs a backend check runs on (the trace's examples by default) and ``gm``'s
+    outputs on them: what every backend's ``check`` compares its runtime against."""
+    if inputs is None:
+        info = trace_info(gm)
+        if info is None:
+            raise ValueError("check() needs inputs for a graph not made by rewriter.trace")
+        inputs = info.example_inputs
+    inputs = tuple(inputs)
+    return inputs, outputs(run(gm, inputs, None))
+
+
 def compare(
     reference: torch.nn.Module,
     candidate: torch.nn.Module,

@@ -54,7 +54,6 @@ def test_mlp_csim_matches_torch(tmp_path, io) -> None:
 
 def _block(spec: str, tmp_path):
     from rewriter.backends import hls
-    from rewriter.backends.hls.emit import _evaluate
 
     config = ModelSpec("gpt2", vocab=64, layers=1, heads=2, head_dim=16, seed=0)
     model = config.build()
@@ -65,9 +64,7 @@ def _block(spec: str, tmp_path):
     )
     out = rewriter.Pipeline.parse(spec).run(gm, ctx).graph_module
     project = hls.export(out, example, tmp_path, subgraph="transformer.h.0")
-    values = {node.name: value for node, value in _evaluate(out, example).items()}
-    inputs = [values[port["name"].removeprefix("in_")] for port in project.inputs]
-    wants = [values[port["name"].removeprefix("out_v_")] for port in project.outputs]
+    inputs, wants = hls.port_values(out, example, project)
     gots = hls.csim(tmp_path, inputs)
     return project, gots, wants
 

@@ -33,6 +33,7 @@ from rewriter.backends.hls.precision import FixedType, Precision, from_ranges, p
 from rewriter.backends.hls.resources import estimate
 
 from rewriter.errors import LoweringError
+from rewriter.graph import node_values
 
 __all__ = [
     "FixedType",
@@ -44,6 +45,7 @@ __all__ = [
     "export",
     "from_ranges",
     "parse_type",
+    "port_values",
 ]
 
 KERNELS = Path(importlib.util.find_spec("rewriter.kernels").origin).parent / "hls"  # type: ignore[arg-type, union-attr]
@@ -174,13 +176,13 @@ def _weights(program: Program) -> str:
 def _signature(program: Program, project: str, io: str) -> str:
     params = []
     for value in program.inputs:
-        if io == "stream":
-            params.append(f"hls::stream<{value.ctype}> &{value.name}")
+        if io == "stream":  # the stream is read into a buffer with the port's name
+            params.append(f"hls::stream<{value.ctype}> &{value.name}_stream")
         else:
             params.append(f"const {value.ctype} {value.name}[{value.size}]")
     for value in program.outputs:
         if io == "stream":
-            params.append(f"hls::stream<{value.ctype}> &{value.name}")
+            params.append(f"hls::stream<{value.ctype}> &{value.name}_stream")
         else:
             params.append(f"{value.ctype} {value.name}[{value.size}]")
     return f"void {project}({', '.join(params)})"
@@ -215,7 +217,7 @@ def _top(program: Program, project: str, io: str) -> str:
     ]
     ports = [v.name for v in program.inputs + program.outputs]
     if io == "stream":
-        lines += [f"    #pragma HLS INTERFACE axis port = {name}" for name in ports]
+        lines += [f"    #pragma HLS INTERFACE axis port = {name}_stream" for name in ports]
         lines.append("    #pragma HLS DATAFLOW")
     else:
         lines += [f"    #pragma HLS INTERFACE ap_memory port = {name}" for name in ports]
@@ -224,30 +226,22 @@ def _top(program: Program, project: str, io: str) -> str:
             for v in program.inputs
         ]
     body: list[str] = []
-    if io == "stream":  # stream ports are read into and written from buffers
+    if io == "stream":  # each input stream fills a buffer the computation reads by the port name
         for value in program.inputs:
-            body.append(f"static {value.ctype} {value.name}_buffer[{value.size}];")
+            body.append(f"static {value.ctype} {value.name}[{value.size}];")
             body.append(
                 f"READ_{value.name}: for (int i = 0; i < {value.size}; i++) "
-                f"{value.name}_buffer[i] = {value.name}.read();"
+                f"{value.name}[i] = {value.name}_stream.read();"
             )
     for local in program.locals:
         body.append(f"static {local.ctype} {local.name}[{local.size}];")
-    statements = list(program.body)
-    if io == "stream":
-        renamed = []
-        for line in statements:
-            for value in program.inputs:
-                line = line.replace(f"{value.name}[", f"{value.name}_buffer[").replace(
-                    f"({value.name},", f"({value.name}_buffer,"
-                )
-            for value in program.outputs:
-                line = line.replace(f"{value.name}[i0] = ", f"{value.name}.write(")
-            renamed.append(line)
-        statements = [
-            line if ".write(" not in line else line.rstrip(";") + ");" for line in renamed
-        ]
-    body += statements
+    body += program.body
+    for port, source in zip(program.outputs, program.sources):
+        loop = f"WRITE_{port.name}: for (int i = 0; i < {port.size}; i++) "
+        if io == "stream":
+            body.append(loop + f"{port.name}_stream.write({source.name}[i]);")
+        else:
+            body.append(loop + f"{port.name}[i] = {source.name}[i];")
     lines += ["    " + line for line in body]
     lines += ["}", ""]
     return "\n".join(lines)
@@ -415,6 +409,17 @@ def _compile(directory: Path, top: str, compiler: str, timeout: float) -> Path:
     return binary
 
 
+def port_values(
+    gm: torch.fx.GraphModule, example_inputs: Sequence[Any], project: HlsProject
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """The values at an exported project's ports when ``gm`` runs on ``example_inputs``: what to
+    feed :func:`csim` (for a block: the values flowing into it) and what it should return."""
+    values = {node.name: value for node, value in node_values(gm, tuple(example_inputs)).items()}
+    inputs = [values[port["name"].removeprefix("in_")] for port in project.inputs]
+    expected = [values[port["name"].removeprefix("out_v_")] for port in project.outputs]
+    return inputs, expected
+
+
 # --- calibration ----------------------------------------------------------------------------------
 
 
@@ -422,15 +427,8 @@ def calibrate(gm: torch.fx.GraphModule, batches: Sequence[Sequence[Any]]) -> dic
     """Largest magnitude of every floating-point node over ``batches`` (argument tuples), for
     :func:`from_ranges`."""
     ranges: dict[str, float] = {}
-
-    class Recorder(torch.fx.Interpreter):
-        def run_node(self, n: torch.fx.Node) -> Any:
-            result = super().run_node(n)
-            if isinstance(result, torch.Tensor) and result.is_floating_point() and result.numel():
-                ranges[n.name] = max(ranges.get(n.name, 0.0), float(result.abs().max()))
-            return result
-
-    with torch.no_grad():
-        for batch in batches:
-            Recorder(gm).run(*batch)
+    for batch in batches:
+        for node, value in node_values(gm, tuple(batch)).items():
+            if isinstance(value, torch.Tensor) and value.is_floating_point() and value.numel():
+                ranges[node.name] = max(ranges.get(node.name, 0.0), float(value.abs().max()))
     return ranges

@@ -21,7 +21,7 @@ import torch.fx
 from rewriter.backends.hls.precision import FixedType, Precision
 
 from rewriter.errors import LoweringError
-from rewriter.graph import module_path
+from rewriter.graph import input_dependent, module_path, node_values
 
 aten = torch.ops.aten
 TABLE_POINTS = 1024
@@ -79,6 +79,8 @@ class Program:
     body: list[str]
     constants: dict[str, tuple[str, list[int]]]  # name -> (C type, values)
     layers: list[dict[str, Any]]
+    sources: list[Value] = dataclasses.field(default_factory=list)
+    """The local each output port returns (the top function copies or streams it out)."""
 
 
 def _affine(index: torch.Tensor) -> tuple[int, list[int]] | None:
@@ -136,8 +138,8 @@ class Lowering:
         self.gm = gm
         self.precision = precision
         self.reuse = max(1, int(reuse_factor))
-        self.values = _evaluate(gm, example_inputs)
-        self.dynamic = _dynamic_nodes(gm)
+        self.values = node_values(gm, example_inputs)
+        self.dynamic = input_dependent(gm)
         self.typedefs: dict[str, str] = {}
         self.locals: list[Value] = []
         self.body: list[str] = []
@@ -184,12 +186,19 @@ class Lowering:
                     inputs.append(self._port(source, "in"))
         for node in self.selected:
             self._lower(node)
-        outputs = self._outputs(chosen)
+        outputs, sources = self._outputs(chosen)
         return Program(
-            inputs, outputs, self.typedefs, self.locals, self.body, self.constants, self.layers
+            inputs,
+            outputs,
+            self.typedefs,
+            self.locals,
+            self.body,
+            self.constants,
+            self.layers,
+            sources,
         )
 
-    def _outputs(self, chosen: set[torch.fx.Node]) -> list[Value]:
+    def _outputs(self, chosen: set[torch.fx.Node]) -> tuple[list[Value], list[Value]]:
         ends = []
         graph_outputs = set(self.gm.graph.output_node().all_input_nodes)
         for node in self.selected:
@@ -201,17 +210,9 @@ class Lowering:
                     ends.append(node)
         if not ends:
             ends = [self.selected[-1]]
-        outputs = []
-        for node in ends:
-            value = self.env[node]
-            port = Value(f"out_{value.name}", value.shape, value.ctype, value.fixed)
-            self.body += loop_nest(
-                (value.size,),
-                lambda i, p=port, v=value: f"{p.name}[{i[0]}] = {v.name}[{i[0]}];",
-                f"OUT_{value.name}",
-            )
-            outputs.append(port)
-        return outputs
+        sources = [self.env[node] for node in ends]
+        ports = [Value(f"out_{v.name}", v.shape, v.ctype, v.fixed) for v in sources]
+        return ports, sources
 
     # -- values -----------------------------------------------------------------------------------
     def _type_for(self, node: torch.fx.Node, value: torch.Tensor) -> tuple[str, FixedType | None]:
@@ -403,34 +404,6 @@ def _flat_strides(shape: tuple[int, ...]) -> list[int]:
         strides.append(running)
         running *= size
     return list(reversed(strides))
-
-
-# --- evaluation and dependence --------------------------------------------------------------------
-
-
-def _evaluate(
-    gm: torch.fx.GraphModule, example_inputs: tuple[Any, ...]
-) -> dict[torch.fx.Node, Any]:
-    values: dict[torch.fx.Node, Any] = {}
-
-    class Recorder(torch.fx.Interpreter):
-        def run_node(self, n: torch.fx.Node) -> Any:
-            result = super().run_node(n)
-            values[n] = result
-            return result
-
-    with torch.no_grad():
-        Recorder(gm).run(*example_inputs)
-    return values
-
-
-def _dynamic_nodes(gm: torch.fx.GraphModule) -> set[torch.fx.Node]:
-    dynamic: set[torch.fx.Node] = set()
-    for node in gm.graph.nodes:
-        if node.op == "placeholder" or any(a in dynamic for a in node.all_input_nodes):
-            if node.op != "output":
-                dynamic.add(node)
-    return dynamic
 
 
 HANDLERS: dict[Any, Callable[[Lowering, torch.fx.Node], None]] = {}

@@ -112,11 +112,14 @@ def decompose(
     gm: torch.fx.GraphModule,
     names: Sequence[str] | None = None,
     example_inputs: Sequence[torch.Tensor] | None = None,
+    *,
+    extra: Sequence[OpContract] = (),
 ) -> torch.fx.GraphModule:
     """Replace ``rewriter::`` ops (all, or ``names``) by their ATen decompositions, in place.
 
     Each op node is replaced by the ATen graph its decomposition traces to on the node's fake
-    values, so the result has no ``rewriter::`` calls left for those ops.
+    values, so the result has no ``rewriter::`` calls left for those ops. ``extra``: contracts
+    for other ops a backend wants decomposed its own way (an ATen op it cannot take as it is).
     """
     from torch.fx.experimental.proxy_tensor import make_fx
 
@@ -129,6 +132,9 @@ def decompose(
             continue
         for node in nodes:
             _inline_decomposition(rw, node, targets[name], make_fx)
+    for contract in extra:
+        for node in list(gm.graph.find_nodes(op="call_function", target=contract.overload)):
+            _inline_decomposition(rw, node, contract, make_fx)
     rw.finish(prune_weights=False)
     return gm
 
