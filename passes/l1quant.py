@@ -70,6 +70,7 @@ from rewriter.graph import (
     copy_graph_module,
     feed,
     is_lm_head,
+    is_weightless,
     linear_maps,
     module_path,
     weight_name_for,
@@ -145,7 +146,7 @@ class L1QuantPass(Pass):
 
         # 2. weights -> rewriter::shiftquant_linear
         if targets:
-            cache = _QuantCache(self.group)
+            cache = _QuantCache(self.group, keep=self.budget is not None)
             bit_map = {_linear_label(t): self.bits for t in targets}
             if self.budget is not None:
                 bit_map, budget_metrics = self._within_budget(gm, targets, bit_map, judge, cache)
@@ -341,17 +342,22 @@ def _replace_norms(
 
 
 class _QuantCache:
-    """Packed weights per (layer, bits): budget trials and the final rewrite quantize once."""
+    """Packed weights per (layer, bits): budget trials and the final rewrite quantize once.
+    Without a budget nothing is kept (a streamed checkpoint's codes go to disk, not here)."""
 
-    def __init__(self, group: int) -> None:
+    def __init__(self, group: int, keep: bool = True) -> None:
         self.group = group
+        self.keep = keep
         self.entries: dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor]] = {}
 
     def get(self, label: str, weight: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
         key = (label, bits)
-        if key not in self.entries:
-            self.entries[key] = quantize_weight(weight, bits, self.group)
-        return self.entries[key]
+        if key in self.entries:
+            return self.entries[key]
+        value = quantize_weight(weight, bits, self.group)
+        if self.keep:
+            self.entries[key] = value
+        return value
 
 
 def _out_in(gm: torch.fx.GraphModule, lin: LinearMap) -> torch.Tensor:
@@ -458,11 +464,13 @@ class _Judge:
                 f"pass '{pass_name}' with a budget needs evaluation data: give "
                 "PassContext(evaluation=...) (or --eval-text)"
             )
-        self.ids = ctx.evaluation_ids() if ctx.evaluation is not None else None
+        # A weightless graph (a streamed checkpoint) cannot run: no measurements, only weights.
+        runs = not is_weightless(reference)
+        self.ids = ctx.evaluation_ids() if ctx.evaluation is not None and runs else None
         self.show = ctx.progress
         self.batch = (
             ctx.batches("calibration", limit=1, pass_name=pass_name)[0]
-            if ctx.calibration is not None
+            if ctx.calibration is not None and runs
             else None
         )
         self.reference_logits = None

@@ -19,7 +19,8 @@ the only core module that reaches up into ``rewriter.passes``.
 
 from __future__ import annotations
 
-from rewriter import adapters, ops, tokenizer_trim, verify, vocab
+from rewriter import adapters, checkpoint, ops, tokenizer_trim, verify, vocab
+from rewriter.checkpoint import open_checkpoint, rewrite_checkpoint, write_checkpoint
 from rewriter.context import PassContext
 from rewriter.errors import (
     LoweringError,
@@ -87,12 +88,15 @@ __all__ = [
     "TrainReport",
     "adapters",
     "available_passes",
+    "checkpoint",
     "format_graph",
     "generate",
     "load",
+    "open_checkpoint",
     "ops",
     "option",
     "register_pass",
+    "rewrite_checkpoint",
     "save",
     "save_pretrained",
     "split",
@@ -105,4 +109,5 @@ __all__ = [
     "verify",
     "vocab",
     "weights",
+    "write_checkpoint",
 ]

@@ -3,7 +3,7 @@
 ``rewriter passes``
     Every registered pass with its one-line doc and options.
 ``rewriter run --model MODEL --passes SPEC --out DIR [--backend onnx|mlir] [--dialect D]
-[--calib TEXT|FILE] [--eval-text FILE] [--force]``
+[--calib TEXT|FILE] [--eval-text FILE] [--force] [--stream [--shard-size GB]]``
     Trace MODEL, run the pipeline, write ``model.pt2`` (and ``model.onnx``, checked in ONNX
     Runtime, with ``--backend onnx``; ``model.mlir`` in dialect D with ``--backend mlir``, run on
     this CPU and checked when D is linalg-on-tensors) and ``report.json``, print the report
@@ -11,6 +11,10 @@
     ``tiny-gpt2`` (the embedded model), a local Hugging Face directory, a config ``.json`` (random
     weights), or ``package.module:factory``, which imports and runs that code (a factory returns
     a model or ``(model, tokenizer)``). Remote code in Hugging Face configs is refused.
+    With ``--stream`` MODEL is a safetensors directory rewritten without loading it: sharded
+    safetensors and a weightless ``model.pt2`` go to DIR (``rewriter.load(pt2, DIR)`` binds
+    them), with the resident-set growth reported next to the largest tensor; ``--backend onnx``
+    adds ``model.onnx`` with external data.
 ``rewriter demo [--out DIR]``
     ``make demo``: the embedded model through the default pipeline, verified against the
     original with hypothesis-drawn inputs, exported to ONNX Runtime and checked, with time,
@@ -62,6 +66,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     run.add_argument("--eval-text", help="file with evaluation text (perplexity per pass)")
     run.add_argument("--force", action="store_true", help="replace an existing output directory")
     run.add_argument("--seq", type=int, default=32, help="example sequence length for tracing")
+    run.add_argument(
+        "--stream",
+        action="store_true",
+        help="rewrite a safetensors checkpoint directory shard by shard without loading it",
+    )
+    run.add_argument(
+        "--shard-size", type=float, default=2.0, help="GB per written shard with --stream"
+    )
 
     demo = commands.add_parser("demo", help="the embedded model through the default pipeline")
     demo.add_argument(
@@ -120,6 +132,8 @@ def _run(args: argparse.Namespace) -> int:
     if out.exists() and any(out.iterdir()) and not args.force:
         raise RewriterError(f"{out} exists and is not empty; pass --force to replace it")
     rewriter.Pipeline.parse(args.passes)  # a bad spec fails before the model loads
+    if args.stream:
+        return _run_stream(args)
     loaded = _load_model(args.model)
     calibration = _text_argument(args.calib) if args.calib else loaded.calibration_text
     evaluation = (
@@ -140,6 +154,86 @@ def _run(args: argparse.Namespace) -> int:
     )
     print(f"artifacts in {out}/: " + ", ".join(sorted(p.name for p in out.iterdir())))
     return 0 if summary["ok"] else 1
+
+
+def _run_stream(args: argparse.Namespace) -> int:
+    """``--stream``: the checkpoint is traced from its config on the meta device and rewritten
+    tensor by tensor from its memory-mapped shards; the resident-set growth is measured from
+    here (after the imports) and reported next to the largest tensor."""
+    import rewriter
+    from rewriter.errors import RewriterError
+    from rewriter.weightless import trace_weightless
+
+    source = Path(args.model)
+    if not source.is_dir() or not any(source.glob("*.safetensors")):
+        raise RewriterError(
+            f"--stream needs a Hugging Face directory with safetensors shards; {args.model} is not"
+        )
+    if args.backend == "mlir":
+        raise RewriterError(
+            "--stream writes weights and a weightless graph; for MLIR, load them with "
+            "rewriter.load(model.pt2, weights_dir) and export (MLIR needs static shapes)"
+        )
+    config_file = source / "config.json"
+    if config_file.exists():
+        _refuse_remote_code(json.loads(config_file.read_text()), config_file)
+    tokenizer = _local_tokenizer(source)
+    calibration = _text_argument(args.calib) if args.calib else None
+    out: Path = args.out
+    if out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    from rich.console import Console
+
+    console = Console(stderr=True)
+    trace_weightless(source, seq=args.seq)  # imports the model's code before the baseline
+    ctx = rewriter.PassContext(calibration=calibration, tokenizer=tokenizer, seed=0)
+    with _step(console, f"streaming {source} through {args.passes}"):
+        run = rewriter.rewrite_checkpoint(
+            source,
+            args.passes,
+            out,
+            ctx=ctx,
+            seq=args.seq,
+            shard_bytes=int(args.shard_size * 1e9),
+        )
+    print(run.result.report.table())
+    print(run.summary())
+    summary: dict[str, Any] = {
+        "model": str(source),
+        "pipeline": args.passes,
+        "ok": True,
+        "stream": run.to_dict(),
+    }
+    trimmed = rewriter.vocab.vocab_map(run.result.graph_module)
+    if trimmed is not None:
+        summary["vocab"] = {"kept": trimmed.size, "of": trimmed.original_size, "ids": trimmed.ids}
+        if trimmed.tokenizer is not None:
+            _save_tokenizer(trimmed.tokenizer, out / "tokenizer")
+            summary["vocab"]["tokenizer"] = str(out / "tokenizer")
+    if args.backend == "onnx":
+        onnx = rewriter.backends.onnx
+        with _step(console, "binding the weights, exporting to ONNX (external data), checking"):
+            gm = rewriter.load(out / "model.pt2", out)
+            exported = onnx.export(gm, None, out / "model.onnx", external_data=True)
+            check = onnx.check(gm, exported.path)
+        summary["onnx"] = {"opset": exported.opset, "check": check.to_dict()}
+        print(f"ONNX Runtime vs the graph: {check}")
+        summary["ok"] = check.ok
+    summary["report"] = run.result.report.to_dict()
+    (out / "report.json").write_text(json.dumps(summary, indent=2, default=str))
+    print(f"artifacts in {out}/: " + ", ".join(sorted(p.name for p in out.iterdir())))
+    print(f"load with: rewriter.load('{out / 'model.pt2'}', '{out}')")
+    return 0 if summary["ok"] else 1
+
+
+def _local_tokenizer(path: Path) -> Any:
+    import transformers
+
+    names = ("tokenizer.json", "tokenizer_config.json", "vocab.json")
+    if any((path / name).exists() for name in names):
+        return transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
+    return None
 
 
 def _text_argument(value: str) -> str:
@@ -211,11 +305,7 @@ def _load_directory(path: Path) -> _Loaded:
         model = cls.from_pretrained(path, local_files_only=True, trust_remote_code=False)
     else:
         model = _instantiate(cls, config)
-    tokenizer = None
-    if any(
-        (path / name).exists() for name in ("tokenizer.json", "tokenizer_config.json", "vocab.json")
-    ):
-        tokenizer = transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
+    tokenizer = _local_tokenizer(path)
     state = "pretrained weights" if has_weights else "random weights (no weights in the directory)"
     return _Loaded(model.eval(), tokenizer, f"{cls.__name__} from {path} ({state})")
 

@@ -243,8 +243,8 @@ class Rewriter:
         if not isinstance(self.store, ModuleStore):
             raise TypeError("untying needs the in-memory store")
         users = list(users)
-        tensor = self.store.read(str(get_attr.target)).clone()
-        node = self.add_weight(name_hint, tensor, rule="untie")
+        name = self.store.copy(str(get_attr.target), name_hint)
+        node = self.weight(name, rule="untie")
         for user in users:
             user.replace_input_with(get_attr, node)
         self.counters["untie"] += 1

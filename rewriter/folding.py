@@ -207,7 +207,7 @@ def ensure_bias(rw: Rewriter, lin: LinearMap, also: Sequence[LinearMap] = ()) ->
     if lin.bias is not None:
         return lin
     dtype = rw.store.dtype(lin.weight_name)
-    device = rw.store.read(lin.weight_name).device  # meta for a weightless graph
+    device = rw.store.device(lin.weight_name)  # meta for a weightless graph without a checkpoint
     zeros = torch.zeros(lin.out_features, dtype=dtype, device=device)
     bias = rw.add_weight(weight_name_for(lin.node, "bias"), zeros, rule="create-bias")
     for each in (lin, *also):

@@ -69,8 +69,27 @@ def save(gm: torch.fx.GraphModule, path: str | os.PathLike[str]) -> Path:
     return path
 
 
-def load(path: str | os.PathLike[str]) -> torch.fx.GraphModule:
-    """Load a graph saved by :func:`save` (with its trace information)."""
+def load(
+    path: str | os.PathLike[str],
+    weights: str | os.PathLike[str] | None = None,
+    *,
+    device: str | torch.device = "cpu",
+) -> torch.fx.GraphModule:
+    """Load a graph saved by :func:`save` (with its trace information).
+
+    ``weights``: a directory of safetensors written by a streaming rewrite (``rewriter run
+    --stream``, :func:`rewriter.checkpoint.write_checkpoint`) to bind to a weightless graph, on
+    ``device``.
+    """
+    gm = _load(path)
+    if weights is not None:
+        from rewriter.checkpoint import bind
+
+        bind(gm, weights, device=device)
+    return gm
+
+
+def _load(path: str | os.PathLike[str]) -> torch.fx.GraphModule:
     import rewriter.ops  # noqa: F401 - registers the rewriter:: ops before deserializing
 
     _import_output_types(Path(path))

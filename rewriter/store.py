@@ -138,6 +138,10 @@ class WeightStore:
     def dtype(self, name: str) -> torch.dtype:
         return self.read(name).dtype
 
+    def device(self, name: str) -> torch.device:
+        """Where new tensors that go with ``name`` are made (meta for a weightless graph)."""
+        return self.read(name).device
+
     def apply(self, edit: Edit) -> torch.Tensor:
         """Run ``edit`` block by block; bind the result to the target (and its aliases)."""
         for name in edit.reads:
@@ -278,6 +282,18 @@ class ModuleStore(WeightStore):
             return False
         return True
 
+    def copy(self, name: str, hint: str) -> str:
+        """A copy of tensor ``name`` under a free name near ``hint`` (untying); returns the name."""
+        new = self.fresh_name(hint)
+        value = self.read(name).clone()
+        if value.is_floating_point():
+            value = torch.nn.Parameter(value, requires_grad=False)
+        self.write(new, value, note=f"copy of {name}")
+        return new
+
+    def device(self, name: str) -> torch.device:
+        return get_tensor(self.gm, name).device
+
     def own(self, name: str) -> torch.Tensor:
         """Bind a private clone to ``name`` (and its aliases), so in-place updates stay local."""
         clone = self.read(name).clone()
@@ -290,4 +306,6 @@ def weights(gm: torch.fx.GraphModule) -> WeightStore:
     attached = getattr(gm, "meta", {}).get(STORE_KEY)
     if isinstance(attached, WeightStore):
         return attached
+    if attached is not None and hasattr(attached, "store_for"):
+        return attached.store_for(gm)  # a checkpoint plan (rewriter.checkpoint): one per graph
     return ModuleStore(gm)

@@ -25,7 +25,7 @@ from rewriter.errors import RewriterError
 from rewriter.graph import is_weightless
 from rewriter.trace import trace
 
-__all__ = ["is_weightless", "refuse_remote_code", "trace_weightless"]
+__all__ = ["config_dtype", "is_weightless", "refuse_remote_code", "trace_weightless"]
 
 
 def refuse_remote_code(config: dict[str, Any], where: Any) -> None:
@@ -35,6 +35,14 @@ def refuse_remote_code(config: dict[str, Any], where: Any) -> None:
             f"{where} asks for remote code (auto_map); rewriter never sets trust_remote_code. "
             "Load the model yourself and pass it as package.module:factory if you trust it."
         )
+
+
+def config_dtype(config: Any) -> torch.dtype:
+    """The weight dtype a Hugging Face config names (``dtype``/``torch_dtype``), else float32."""
+    value = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    if isinstance(value, str):
+        value = getattr(torch, value.removeprefix("torch."), None)
+    return value if isinstance(value, torch.dtype) else torch.float32
 
 
 def _config(source: Any) -> Any:
@@ -57,14 +65,22 @@ def _config(source: Any) -> Any:
 
 
 def trace_weightless(
-    source: Any, *, batch: int = 2, seq: int = 8, dynamic: bool = True
+    source: Any,
+    *,
+    batch: int = 2,
+    seq: int = 8,
+    dynamic: bool = True,
+    dtype: torch.dtype | None = None,
 ) -> torch.fx.GraphModule:
     """The graph of a causal LM from its config (a ``PretrainedConfig``, a dict, a
     ``config.json`` or a model directory), traced on the meta device: no weight is read or
-    allocated. Example input ids are ``[batch, seq]`` (batch and length stay dynamic)."""
+    allocated. Example input ids are ``[batch, seq]`` (batch and length stay dynamic).
+    ``dtype``: of the weights (default: the config's ``dtype``, else float32), which must be the
+    checkpoint's for :func:`rewriter.open_checkpoint`."""
     import transformers
 
     config = _config(source)
+    dtype = dtype or config_dtype(config)
     architectures = getattr(config, "architectures", None) or []
     cls = next(
         (getattr(transformers, n) for n in architectures if hasattr(transformers, n)),
@@ -72,7 +88,7 @@ def trace_weightless(
     )
     with torch.device("meta"):
         model = cls.from_config(config) if cls.__name__.startswith("Auto") else cls(config)
-    model.eval()
+    model = model.to(dtype).eval()
     vocab = int(getattr(config, "vocab_size", 2) or 2)
     ids = torch.randint(0, vocab, (batch, seq), generator=torch.Generator().manual_seed(0))
     gm = trace(model, (ids,), dynamic_shapes="auto" if dynamic else None)
