@@ -162,12 +162,17 @@ def _run_stream(args: argparse.Namespace) -> int:
     here (after the imports) and reported next to the largest tensor."""
     import rewriter
     from rewriter.errors import RewriterError
-    from rewriter.weightless import trace_weightless
+    from rewriter.weightless import architecture
 
     source = Path(args.model)
     if not source.is_dir() or not any(source.glob("*.safetensors")):
         raise RewriterError(
             f"--stream needs a Hugging Face directory with safetensors shards; {args.model} is not"
+        )
+    if args.eval_text:
+        raise RewriterError(
+            "--eval-text measures perplexity by running the model, which --stream never loads; "
+            "evaluate the result with rewriter.load(model.pt2, weights_dir)"
         )
     if args.backend == "mlir":
         raise RewriterError(
@@ -186,7 +191,7 @@ def _run_stream(args: argparse.Namespace) -> int:
     from rich.console import Console
 
     console = Console(stderr=True)
-    trace_weightless(source, seq=args.seq)  # imports the model's code before the baseline
+    architecture(source)  # imports the model's code before the memory baseline
     ctx = rewriter.PassContext(calibration=calibration, tokenizer=tokenizer, seed=0)
     with _step(console, f"streaming {source} through {args.passes}"):
         run = rewriter.rewrite_checkpoint(

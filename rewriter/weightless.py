@@ -25,7 +25,13 @@ from rewriter.errors import RewriterError
 from rewriter.graph import is_weightless
 from rewriter.trace import trace
 
-__all__ = ["config_dtype", "is_weightless", "refuse_remote_code", "trace_weightless"]
+__all__ = [
+    "architecture",
+    "config_dtype",
+    "is_weightless",
+    "refuse_remote_code",
+    "trace_weightless",
+]
 
 
 def refuse_remote_code(config: dict[str, Any], where: Any) -> None:
@@ -35,6 +41,26 @@ def refuse_remote_code(config: dict[str, Any], where: Any) -> None:
             f"{where} asks for remote code (auto_map); rewriter never sets trust_remote_code. "
             "Load the model yourself and pass it as package.module:factory if you trust it."
         )
+
+
+def architecture(source: Any) -> tuple[Any, type]:
+    """The config and model class of ``source`` (importing the model's code, nothing more)."""
+    import transformers
+
+    config = _config(source)
+    architectures = getattr(config, "architectures", None) or []
+    cls = next(
+        (getattr(transformers, n) for n in architectures if hasattr(transformers, n)),
+        transformers.AutoModelForCausalLM,
+    )
+    if cls.__name__.startswith("Auto"):
+        try:
+            cls = transformers.AutoModelForCausalLM._model_mapping[type(config)]
+        except KeyError as e:
+            raise RewriterError(
+                f"{type(config).__name__} has no causal-LM class in transformers"
+            ) from e
+    return config, cls
 
 
 def config_dtype(config: Any) -> torch.dtype:
@@ -77,18 +103,18 @@ def trace_weightless(
     allocated. Example input ids are ``[batch, seq]`` (batch and length stay dynamic).
     ``dtype``: of the weights (default: the config's ``dtype``, else float32), which must be the
     checkpoint's for :func:`rewriter.open_checkpoint`."""
-    import transformers
-
-    config = _config(source)
+    config, cls = architecture(source)
     dtype = dtype or config_dtype(config)
-    architectures = getattr(config, "architectures", None) or []
-    cls = next(
-        (getattr(transformers, n) for n in architectures if hasattr(transformers, n)),
-        transformers.AutoModelForCausalLM,
-    )
-    with torch.device("meta"):
-        model = cls.from_config(config) if cls.__name__.startswith("Auto") else cls(config)
-    model = model.to(dtype).eval()
+    # Built as from_pretrained builds it: under the default dtype, so buffers the model computes
+    # in float32 on purpose (rotary inv_freq) stay float32 and ties between buffers stay ties.
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device("meta"):
+            model = cls.from_config(config) if cls.__name__.startswith("Auto") else cls(config)
+    finally:
+        torch.set_default_dtype(previous)
+    model.eval()
     vocab = int(getattr(config, "vocab_size", 2) or 2)
     ids = torch.randint(0, vocab, (batch, seq), generator=torch.Generator().manual_seed(0))
     gm = trace(model, (ids,), dynamic_shapes="auto" if dynamic else None)

@@ -137,14 +137,16 @@ def dequantize(
 
 
 def quantize_weight(
-    weight: torch.Tensor, bits: int, group: int, *, search: int = 4, block_rows: int = 1024
+    weight: torch.Tensor, bits: int, group: int, *, search: int = 4, block_rows: int | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """ShiftQuant-style quantization of ``weight`` ``[N, K]``: ``(packed, exponents)``.
 
     For every group the scale ``2**e`` is chosen among ``e0, e0 - 1, ..., e0 - search`` where
     ``2**e0`` is the smallest power of two that does not clip the group's largest magnitude;
     smaller scales clip the outliers but resolve the rest more finely, and the one with the
-    least squared error wins (ties go to the larger scale). Rows are processed in blocks.
+    least squared error wins (ties go to the larger scale). Rows are processed in blocks
+    (default: 2**20 elements, so a float64 temporary is 8 MB whatever the weight's size; rows are
+    independent, so the block size does not change the result).
     """
     check_format(bits, group)
     if weight.dim() != 2:
@@ -154,6 +156,7 @@ def quantize_weight(
     packed = torch.empty(packed_shape(rows, cols, bits, group), dtype=torch.uint8)
     exponents = torch.empty(rows, groups, dtype=torch.int8)
     top = qmax(bits)
+    block_rows = block_rows or max(1, 2**20 // max(groups * group, 1))
     for start in range(0, rows, block_rows):
         block = weight[start : start + block_rows].detach().to(torch.float64)
         if cols % group:
@@ -162,21 +165,23 @@ def quantize_weight(
         amax = grouped.abs().amax(-1)
         zero = amax == 0
         e0 = ceil_log2(torch.where(zero, torch.ones_like(amax), amax) / top)
-        best_q = best_e = best_err = None
+        # Only the best exponent is kept during the search; its codes are recomputed once.
+        # Scales are powers of two, so multiplying by 2^-e is exact (the same as dividing).
+        best_e = best_err = None
         for shift in range(search + 1):
             e = (e0 - shift).clamp(*EXPONENT_RANGE)
-            scale = torch.exp2(e).unsqueeze(-1)
-            q = torch.clamp(torch.round(grouped / scale), -top, top)
-            err = (q * scale - grouped).pow(2).sum(-1)
+            q = torch.clamp(torch.round(grouped * torch.exp2(-e).unsqueeze(-1)), -top, top)
+            diff = q.mul_(torch.exp2(e).unsqueeze(-1)).sub_(grouped)
+            err = diff.mul_(diff).sum(-1)
             if best_err is None:
-                best_q, best_e, best_err = q, e, err
+                best_e, best_err = e, err
             else:
                 better = err < best_err
-                best_q = torch.where(better.unsqueeze(-1), q, best_q)
                 best_e = torch.where(better, e, best_e)
                 best_err = torch.where(better, err, best_err)
-        assert best_q is not None and best_e is not None
+        assert best_e is not None
         best_e = torch.where(zero, torch.zeros_like(best_e), best_e)
+        best_q = torch.clamp(torch.round(grouped * torch.exp2(-best_e).unsqueeze(-1)), -top, top)
         codes = (best_q + 2 ** (bits - 1)).to(torch.int32)
         packed[start : start + block_rows] = pack(codes, bits)
         exponents[start : start + block_rows] = best_e.to(torch.int8)
