@@ -170,7 +170,7 @@ def quantize_weight(
         best_e = best_err = None
         for shift in range(search + 1):
             e = (e0 - shift).clamp(*EXPONENT_RANGE)
-            q = torch.clamp(torch.round(grouped * torch.exp2(-e).unsqueeze(-1)), -top, top)
+            q = (grouped * torch.exp2(-e).unsqueeze(-1)).round_().clamp_(-top, top)
             diff = q.mul_(torch.exp2(e).unsqueeze(-1)).sub_(grouped)
             err = diff.mul_(diff).sum(-1)
             if best_err is None:
