@@ -349,12 +349,14 @@ class _QuantCache:
         self.group = group
         self.keep = keep
         self.entries: dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor]] = {}
+        self.stats: dict[tuple[str, int], dict[str, float]] = {}  # errors: small, always kept
 
     def get(self, label: str, weight: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
         key = (label, bits)
         if key in self.entries:
             return self.entries[key]
-        value = quantize_weight(weight, bits, self.group)
+        self.stats[key] = {}
+        value = quantize_weight(weight, bits, self.group, stats=self.stats[key])
         if self.keep:
             self.entries[key] = value
         return value
@@ -383,7 +385,15 @@ def _quantize(
         packed, exponents = cache.get(label, weight, bits)
         bias = None if lin.bias_name is None else weights(gm).read(lin.bias_name).detach()
         report[label] = _layer_report(
-            weight, packed, exponents, bias, bits, cache.group, act_bits, inputs.get(label)
+            weight,
+            packed,
+            exponents,
+            bias,
+            bits,
+            cache.group,
+            act_bits,
+            inputs.get(label),
+            cache.stats.get((label, bits)),
         )
         packed_node = rw.add_weight(weight_name_for(lin.node, "qweight"), packed, rule="quantize")
         exponent_node = rw.add_weight(
@@ -424,19 +434,22 @@ def _layer_report(
     group: int,
     act_bits: int,
     x: torch.Tensor | None,
+    stats: dict[str, float] | None = None,
 ) -> dict[str, Any]:
     from rewriter.ops.quant import dequantize
 
     rows, cols = weight.shape
-    # Sums of squares in row blocks: the working set stays small for any weight (streaming).
-    error = norm = 0.0
-    step = max(1, 2**20 // max(cols, 1))
-    for start in range(0, rows, step):
-        stop = min(rows, start + step)
-        w = weight[start:stop].to(torch.float64)
-        deq = dequantize(packed[start:stop], exponents[start:stop], bits, cols, torch.float64)
-        error += float((deq - w).pow(2).sum())
-        norm += float(w.pow(2).sum())
+    if stats:  # the quantizer's own sums (the search computed them already)
+        error, norm = stats["squared_error"], stats["squared_norm"]
+    else:  # sums of squares in row blocks: the working set stays small for any weight
+        error = norm = 0.0
+        step = max(1, 2**20 // max(cols, 1))
+        for start in range(0, rows, step):
+            stop = min(rows, start + step)
+            w = weight[start:stop].to(torch.float64)
+            deq = dequantize(packed[start:stop], exponents[start:stop], bits, cols, torch.float64)
+            error += float((deq - w).pow(2).sum())
+            norm += float(w.pow(2).sum())
     entry: dict[str, Any] = {
         "bits": bits,
         "group": group,

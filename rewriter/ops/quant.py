@@ -137,7 +137,13 @@ def dequantize(
 
 
 def quantize_weight(
-    weight: torch.Tensor, bits: int, group: int, *, search: int = 4, block_rows: int | None = None
+    weight: torch.Tensor,
+    bits: int,
+    group: int,
+    *,
+    search: int = 4,
+    block_rows: int | None = None,
+    stats: dict[str, float] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """ShiftQuant-style quantization of ``weight`` ``[N, K]``: ``(packed, exponents)``.
 
@@ -146,7 +152,8 @@ def quantize_weight(
     smaller scales clip the outliers but resolve the rest more finely, and the one with the
     least squared error wins (ties go to the larger scale). Rows are processed in blocks
     (default: 2**20 elements, so a float64 temporary is 8 MB whatever the weight's size; rows are
-    independent, so the block size does not change the result).
+    independent, so the block size does not change the result). ``stats``, when given, gets
+    ``squared_error`` (``||W - W_q||^2``, from the search's own sums) and ``squared_norm``.
     """
     check_format(bits, group)
     if weight.dim() != 2:
@@ -179,7 +186,10 @@ def quantize_weight(
                 better = err < best_err
                 best_e = torch.where(better, e, best_e)
                 best_err = torch.where(better, err, best_err)
-        assert best_e is not None
+        assert best_e is not None and best_err is not None
+        if stats is not None:
+            stats["squared_error"] = stats.get("squared_error", 0.0) + float(best_err.sum())
+            stats["squared_norm"] = stats.get("squared_norm", 0.0) + float(grouped.pow(2).sum())
         best_e = torch.where(zero, torch.zeros_like(best_e), best_e)
         best_q = torch.clamp(torch.round(grouped * torch.exp2(-best_e).unsqueeze(-1)), -top, top)
         codes = (best_q + 2 ** (bits - 1)).to(torch.int32)
