@@ -36,11 +36,22 @@ def exact_passes() -> list[str]:
     return [name for name in available() if getattr(get_pass(name), "exact", False)]
 
 
-def check_one(
-    spec: ModelSpec, pipeline: rewriter.Pipeline, rng: random.Random, inputs: int
-) -> dict:
+def trace_one(spec: ModelSpec, rng: random.Random) -> tuple[torch.nn.Module, object]:
+    """The model of ``spec`` and its trace, shared by every pass checked on this config
+    (pipelines never change their input graph)."""
     model = spec.build()
     gm = rewriter.trace(model, spec.example_inputs(seq=rng.randint(2, 12)), dynamic_shapes="auto")
+    return model, gm
+
+
+def check_one(
+    model: torch.nn.Module,
+    gm: object,
+    spec: ModelSpec,
+    pipeline: rewriter.Pipeline,
+    rng: random.Random,
+    inputs: int,
+) -> dict:
     # A token corpus for passes that keep what data uses (vocab-trim): a random part of the
     # vocabulary; inputs outside it are projected onto kept tokens by the comparison.
     corpus = torch.randint(
@@ -84,25 +95,42 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, dict[str, dict[str, int]]] = {}
     failures = []
     started = time.time()
-    for pass_name in args.passes.split(","):
-        spec_text = "canonicalize" if pass_name == "canonicalize" else f"canonicalize,{pass_name}"
-        pipeline = rewriter.Pipeline.parse(spec_text)
-        for family in args.families.split(","):
-            counts = {"ok": 0, "refused": 0, "mismatch": 0, "crash": 0}
-            for _ in range(args.n):
-                spec = ModelSpec.sample(rng, family)
+    pass_names = args.passes.split(",")
+    pipelines = {
+        name: rewriter.Pipeline.parse(
+            "canonicalize" if name == "canonicalize" else f"canonicalize,{name}"
+        )
+        for name in pass_names
+    }
+    tally = {
+        (name, family): {"ok": 0, "refused": 0, "mismatch": 0, "crash": 0}
+        for name in pass_names
+        for family in args.families.split(",")
+    }
+    for family in args.families.split(","):
+        for _ in range(args.n):
+            spec = ModelSpec.sample(rng, family)
+            try:
+                traced: tuple | None = trace_one(spec, rng)
+            except Exception as error:  # noqa: BLE001 - a crash is a finding, with its spec
+                traced, trace_error = None, error
+            for pass_name, pipeline in pipelines.items():
                 try:
-                    outcome = check_one(spec, pipeline, rng, args.inputs)
+                    if traced is None:
+                        raise trace_error
+                    outcome = check_one(*traced, spec, pipeline, rng, args.inputs)
                 except Exception as error:  # noqa: BLE001 - a crash is a finding, with its spec
                     outcome = {
                         "status": "crash",
                         "reason": f"{type(error).__name__}: {error}",
                         "traceback": traceback.format_exc(limit=4),
                     }
-                counts[outcome["status"]] += 1
+                tally[(pass_name, family)][outcome["status"]] += 1
                 if outcome["status"] in ("mismatch", "crash"):
                     failures.append({"pass": pass_name, "spec": repr(spec), **outcome})
                     print(f"FAIL {pass_name} {outcome['status']}: {spec!r}", flush=True)
+        for pass_name in pass_names:
+            counts = tally[(pass_name, family)]
             results.setdefault(pass_name, {})[family] = counts
             print(f"{pass_name:>14} {family:>9}: {counts}", flush=True)
     path = write(
