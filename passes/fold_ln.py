@@ -62,7 +62,13 @@ class FoldNormPass(Pass):
             elif readers:
                 plans.append((unit, readers))
         if not plans:
-            notes.append("no norm with an affine read only by linear maps: nothing to do")
+            note = "no norm with an affine read only by linear maps: nothing to do"
+            if not units and _written_out_norms(gm):
+                note += (
+                    " (the graph has written-out normalizations, pow/mean/rsqrt as Llama's "
+                    "RMSNorm traces: run canonicalize first, e.g. canonicalize,fold-ln)"
+                )
+            notes.append(note)
             return PassResult(gm, changed=False, notes=notes)
         prune_dead_get_attrs(gm)
         rw = Rewriter(gm, pass_name=self.name)
@@ -93,4 +99,13 @@ def _foldable_affine(unit: object) -> bool:
     gamma, beta = unit.gamma, unit.beta  # type: ignore[attr-defined]
     return all(
         v is None or (isinstance(v, torch.fx.Node) and v.op == "get_attr") for v in (gamma, beta)
+    )
+
+
+def _written_out_norms(gm: torch.fx.GraphModule) -> bool:
+    """Whether the graph divides by a root it computes (``rsqrt``): a norm canonicalize would
+    recognise and fold-ln could then fold."""
+    return any(
+        node.op == "call_function" and node.target == torch.ops.aten.rsqrt.default
+        for node in gm.graph.nodes
     )

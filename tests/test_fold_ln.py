@@ -125,3 +125,12 @@ def test_idempotent() -> None:
     again = _run(once)
     assert not again.report.records[0].changed
     assert op_counts(once) == op_counts(again.graph_module)
+
+
+def test_written_out_norms_get_a_hint_to_canonicalize_first() -> None:
+    _, gm = traced(ModelSpec("llama", layers=1))  # RMSNorm traces as pow / mean / rsqrt
+    result = rewriter.Pipeline.parse("fold-ln").run(gm, rewriter.PassContext(progress=False))
+    (record,) = result.report.records
+    assert record.rewrites == 0 and "run canonicalize first" in record.notes[0]
+    folded = rewriter.Pipeline.parse("canonicalize,fold-ln").run(gm, rewriter.PassContext())
+    assert folded.report.records[1].rewrites > 0
