@@ -393,7 +393,7 @@ def _quantize(
             cache.group,
             act_bits,
             inputs.get(label),
-            cache.stats.get((label, bits)),
+            cache.stats[(label, bits)],
         )
         packed_node = rw.add_weight(weight_name_for(lin.node, "qweight"), packed, rule="quantize")
         exponent_node = rw.add_weight(
@@ -434,22 +434,11 @@ def _layer_report(
     group: int,
     act_bits: int,
     x: torch.Tensor | None,
-    stats: dict[str, float] | None = None,
+    stats: dict[str, float],
 ) -> dict[str, Any]:
-    from rewriter.ops.quant import dequantize
-
-    rows, cols = weight.shape
-    if stats:  # the quantizer's own sums (the search computed them already)
-        error, norm = stats["squared_error"], stats["squared_norm"]
-    else:  # sums of squares in row blocks: the working set stays small for any weight
-        error = norm = 0.0
-        step = max(1, 2**20 // max(cols, 1))
-        for start in range(0, rows, step):
-            stop = min(rows, start + step)
-            w = weight[start:stop].to(torch.float64)
-            deq = dequantize(packed[start:stop], exponents[start:stop], bits, cols, torch.float64)
-            error += float((deq - w).pow(2).sum())
-            norm += float(w.pow(2).sum())
+    _rows, cols = weight.shape
+    # ||W - W_q||^2 and ||W||^2: the quantizer's own sums (its search computed them already).
+    error, norm = stats["squared_error"], stats["squared_norm"]
     entry: dict[str, Any] = {
         "bits": bits,
         "group": group,

@@ -35,7 +35,7 @@ import os
 import struct
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +44,15 @@ import torch.fx
 
 from rewriter.errors import PreconditionError, RewriterError
 from rewriter.graph import get_tensor, set_tensor
-from rewriter.store import STORE_KEY, Block, Edit, ModuleStore, WeightStore
+from rewriter.store import (
+    STORE_KEY,
+    Block,
+    Edit,
+    ModuleStore,
+    WeightStore,
+    check_rows,
+    row_blocks,
+)
 
 __all__ = [
     "LazyStore",
@@ -388,19 +396,8 @@ class Plan:
         """Run ``version``'s edit block by block (as :meth:`WeightStore.apply` does), handing
         each block, cast to the version's dtype, to ``sink(start, stop, rows)``."""
         reads = _Reads(self, version)
-        edit, shape = version.edit, version.shape
         try:
-            for start, stop in reads.blocks(shape):
-                value = edit.compute(Block(reads, edit, start, stop))
-                expected = (stop - start, *shape[1:]) if len(shape) > 1 else tuple(shape)
-                if tuple(value.shape) != expected:
-                    raise RewriterError(
-                        f"edit of '{edit.target}' ({edit.note or 'no note'}) returned rows of "
-                        f"shape {tuple(value.shape)} for block [{start}, {stop}), "
-                        f"expected {expected}"
-                    )
-                sink(start, stop, value.to(version.dtype))
-                reads.release()
+            reads.run(version.edit, version.shape, version.dtype, sink, after_block=reads.release)
         finally:
             reads.release()
 
@@ -510,7 +507,7 @@ class LazyStore(ModuleStore):
         return meta
 
     def _check(self, edit: Edit, reads: dict[str, Version], shape: tuple[int, ...]) -> None:
-        """Run the edit's first block on meta tensors: a wrong shape fails in the pass that
+        """Run the edit's first block on fake tensors: a wrong shape fails in the pass that
         recorded the edit, not when the checkpoint is written."""
         from torch._subclasses.fake_tensor import FakeTensorMode
 
@@ -518,12 +515,7 @@ class LazyStore(ModuleStore):
         start, stop = next(iter(probe.blocks(shape)))
         with FakeTensorMode(allow_non_fake_inputs=True):
             value = edit.compute(Block(probe, edit, start, stop))
-        expected = (stop - start, *shape[1:]) if len(shape) > 1 else tuple(shape)
-        if tuple(value.shape) != expected:
-            raise ValueError(
-                f"edit of '{edit.target}' ({edit.note or 'no note'}) returns rows of shape "
-                f"{tuple(value.shape)} for block [{start}, {stop}), expected {expected}"
-            )
+        check_rows(edit, value, shape, start, stop)
 
 
 # --- attaching a checkpoint to a weightless graph ---------------------------------------------
@@ -596,19 +588,16 @@ def _computed_buffers(
     """Buffers a model computes in ``__init__`` (rotary ``inv_freq``): rebuilt by constructing
     the owning module again on the CPU from the model's config."""
     from rewriter.trace import trace_info
+    from rewriter.weightless import architecture
 
     if config is None:
         info = trace_info(gm)
         if info is None or info.config is None:
             return {}
-        import transformers
-
-        config = transformers.AutoConfig.for_model(**info.config)
-    import transformers
-
-    cls = _model_class(config, transformers)
+        config = info.config
+    config, cls = architecture(config)
     with torch.device("meta"):
-        model = cls.from_config(config) if cls.__name__.startswith("Auto") else cls(config)
+        model = cls(config)
     values: dict[str, torch.Tensor] = {}
     for name in names:
         owner_path, _, local = name.rpartition(".")
@@ -627,13 +616,6 @@ def _computed_buffers(
         if isinstance(value, torch.Tensor) and value.device.type != "meta":
             values[name] = value.detach()
     return values
-
-
-def _model_class(config: Any, transformers: Any) -> Any:
-    for name in getattr(config, "architectures", None) or []:
-        if hasattr(transformers, name):
-            return getattr(transformers, name)
-    return transformers.AutoModelForCausalLM
 
 
 # --- writing --------------------------------------------------------------------------------
@@ -800,24 +782,12 @@ def _write_tensor(f: Any, version: Version, plan: Plan | None, bar: Any) -> None
     elif isinstance(version, Stored):
         view = version.shards.view(version.key)
         block_bytes = plan.block_bytes if plan is not None else WeightStore.block_bytes
-        for start, stop in _row_blocks(version.shape, block_bytes):
+        for start, stop in row_blocks(version.shape, block_bytes):
             emit(view[start:stop] if view.dim() > 1 else view)
             version.shards.release(version.key)
     else:
         assert plan is not None
         plan.evaluate(version, lambda start, stop, rows: emit(rows))
-
-
-def _row_blocks(shape: tuple[int, ...], block_bytes: int) -> Iterator[tuple[int, int]]:
-    if len(shape) <= 1:
-        yield 0, (shape[0] if shape else 1)
-        return
-    row = 8
-    for size in shape[1:]:
-        row *= size
-    step = max(1, block_bytes // max(row, 1))
-    for start in range(0, shape[0], step):
-        yield start, min(shape[0], start + step)
 
 
 def _progress(total: int, enabled: bool) -> Any:

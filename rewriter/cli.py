@@ -280,14 +280,9 @@ def _refuse_remote_code(config: dict[str, Any], where: Path) -> None:
 
 
 def _model_class(config: Any) -> Any:
-    import transformers
+    from rewriter.weightless import architecture
 
-    architectures = getattr(config, "architectures", None) or []
-    for name in architectures:
-        cls = getattr(transformers, name, None)
-        if cls is not None:
-            return cls
-    return transformers.AutoModelForCausalLM
+    return architecture(config)[1]
 
 
 def _instantiate(cls: Any, config: Any) -> Any:

@@ -53,6 +53,31 @@ class Edit:
     """What the edit does, for reports (``"center rows"``)."""
 
 
+def row_blocks(shape: Sequence[int], block_bytes: int) -> Iterator[tuple[int, int]]:
+    """Row ranges of a tensor of ``shape`` whose float64 rows fill at most ``block_bytes``
+    (0-d and 1-d tensors are one block)."""
+    if len(shape) <= 1:
+        yield 0, (shape[0] if shape else 1)
+        return
+    rows = shape[0]
+    row_bytes = 8 * max(1, int(torch.Size(shape[1:]).numel()))
+    step = max(1, block_bytes // row_bytes)
+    for start in range(0, rows, step):
+        yield start, min(rows, start + step)
+
+
+def check_rows(
+    edit: Edit, value: torch.Tensor, shape: Sequence[int], start: int, stop: int
+) -> None:
+    """An edit's block must have the rows ``[start, stop)`` of a tensor of ``shape``."""
+    expected = (stop - start, *shape[1:]) if len(shape) > 1 else tuple(shape)
+    if tuple(value.shape) != expected:
+        raise ValueError(
+            f"edit of '{edit.target}' ({edit.note or 'no note'}) returned rows of shape "
+            f"{tuple(value.shape)} for block [{start}, {stop}), expected {expected}"
+        )
+
+
 class Block:
     """Rows ``[start, stop)`` of an edit's output, with float64 access to the tensors it reads."""
 
@@ -154,22 +179,36 @@ class WeightStore:
         dtype = edit.dtype if edit.dtype is not None else self.dtype(edit.target)
         device = self.read(edit.reads[0]).device if edit.reads else torch.device("cpu")
         out = torch.empty(shape, dtype=dtype, device=device)
-        for start, stop in self.blocks(shape):
-            block = Block(self, edit, start, stop)
-            value = edit.compute(block)
-            expected = (stop - start, *shape[1:]) if len(shape) > 1 else tuple(shape)
-            if tuple(value.shape) != expected:
-                raise ValueError(
-                    f"edit of '{edit.target}' ({edit.note or 'no note'}) returned rows of shape "
-                    f"{tuple(value.shape)} for block [{start}, {stop}), expected {expected}"
-                )
+
+        def into(start: int, stop: int, rows: torch.Tensor) -> None:
             if len(shape) > 1:
-                out[start:stop] = value.to(dtype)
+                out[start:stop] = rows
             else:
-                out.copy_(value.to(dtype))
+                out.copy_(rows)
+
+        self.run(edit, tuple(shape), dtype, into)
         self._write(edit.target, out)
         self.log.append(edit)
         return out
+
+    def run(
+        self,
+        edit: Edit,
+        shape: tuple[int, ...],
+        dtype: torch.dtype,
+        sink: Callable[[int, int, torch.Tensor], None],
+        *,
+        after_block: Callable[[], None] | None = None,
+    ) -> None:
+        """The block loop every store shares (so stores agree bit for bit): compute ``edit``
+        block by block over this store's reads, and hand each block, cast once to ``dtype``,
+        to ``sink(start, stop, rows)``."""
+        for start, stop in self.blocks(shape):
+            value = edit.compute(Block(self, edit, start, stop))
+            check_rows(edit, value, shape, start, stop)
+            sink(start, stop, value.to(dtype))
+            if after_block is not None:
+                after_block()
 
     def write(self, name: str, tensor: torch.Tensor, note: str = "") -> None:
         """Bind an already computed tensor (packed integers, trained factors) to ``name``."""
@@ -180,14 +219,7 @@ class WeightStore:
 
     def blocks(self, shape: Sequence[int]) -> Iterator[tuple[int, int]]:
         """Row ranges for an output of ``shape``: float64 blocks of at most ``block_bytes``."""
-        if len(shape) <= 1:
-            yield 0, (shape[0] if shape else 1)
-            return
-        rows = shape[0]
-        row_bytes = 8 * max(1, int(torch.Size(shape[1:]).numel()))
-        step = max(1, self.block_bytes // row_bytes)
-        for start in range(0, rows, step):
-            yield start, min(rows, start + step)
+        return row_blocks(shape, self.block_bytes)
 
     def __contains__(self, name: str) -> bool:
         try:

@@ -111,7 +111,7 @@ def trace_weightless(
     torch.set_default_dtype(dtype)
     try:
         with torch.device("meta"):
-            model = cls.from_config(config) if cls.__name__.startswith("Auto") else cls(config)
+            model = cls(config)
     finally:
         torch.set_default_dtype(previous)
     model.eval()
