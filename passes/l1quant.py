@@ -47,7 +47,9 @@ Selection: ``layers`` (regex, full match on the linear map's source module); the
 whose output is a graph output, or that shares its weight with an embedding) is skipped unless
 ``head=true``. Report per layer: bits, group, relative weight error, relative output error on a
 calibration batch, bytes before and after; whole model: perplexity before, with the L1 norms
-alone, and after (with evaluation data).
+alone, and after (with evaluation data). On a weightless graph with a checkpoint attached
+(streaming, :mod:`rewriter.checkpoint`) the weights are quantized one at a time and nothing that
+runs the graph is measured: the report has the weight errors and bytes only.
 """
 
 from __future__ import annotations
