@@ -8,6 +8,13 @@ natively (``NATIVE``); other ``rewriter::`` ops go through their ATen decomposit
 
 from __future__ import annotations
 
+if __name__ == "backends":  # the bare name from the repository root: see rewriter/_toplevel.py
+    import runpy
+
+    runpy.run_path(
+        f"{__path__[0]}/../rewriter/_toplevel.py", {"NAME": __name__, "FOLDER": __path__[0]}
+    )
+
 import importlib
 from types import ModuleType
 

@@ -15,6 +15,13 @@ the file stem is the pass name in snake_case). Third-party passes join with
 
 from __future__ import annotations
 
+if __name__ == "passes":  # the bare name from the repository root: see rewriter/_toplevel.py
+    import runpy
+
+    runpy.run_path(
+        f"{__path__[0]}/../rewriter/_toplevel.py", {"NAME": __name__, "FOLDER": __path__[0]}
+    )
+
 import importlib
 import re
 
