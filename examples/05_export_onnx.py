@@ -6,6 +6,8 @@ python examples/05_export_onnx.py
 import tempfile
 from pathlib import Path
 
+import torch
+
 import rewriter
 
 model, tokenizer = rewriter.zoo.tiny_gpt2()
@@ -19,10 +21,12 @@ with tempfile.TemporaryDirectory() as tmp:
     longer = tokenizer(rewriter.zoo.eval_text()[3000:9000], return_tensors="pt").input_ids[:, :200]
     report = rewriter.backends.onnx.check(result.graph_module, exported.path, (longer,))
     print("ORT vs graph on a longer batch:", report)
+    assert report.ok, report
 
     path = rewriter.save(result.graph_module, Path(tmp) / "tiny.pt2")
     loaded = rewriter.load(path)
     size = path.stat().st_size / 2**20
     print(f"saved {size:.1f} MiB; the reloaded graph returns {type(loaded(ids)).__name__}")
+    assert torch.equal(loaded(ids).logits, result.graph_module(ids).logits)  # bit for bit
     ppl = rewriter.metrics.perplexity(loaded, tokenizer, rewriter.zoo.eval_text())
     print(f"perplexity of the reloaded graph on the held-out text: {ppl:.2f}")
