@@ -27,7 +27,21 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-FOLDERS = sorted(p.name for p in ROOT.iterdir() if p.is_dir() and p.name.isidentifier())
+
+
+def _folders() -> list[str]:
+    """The repository's top-level folders: those git tracks (not build/ or out/ of a run)."""
+    try:
+        tracked = subprocess.run(
+            ["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True, timeout=60
+        ).stdout.splitlines()
+        names = {line.split("/", 1)[0] for line in tracked if "/" in line}
+    except (OSError, subprocess.SubprocessError):  # not a checkout: every folder there
+        names = {p.name for p in ROOT.iterdir() if p.is_dir()}
+    return sorted(n for n in names if n.isidentifier() and (ROOT / n).is_dir())
+
+
+FOLDERS = _folders()
 PROBE = """
 import importlib, json, sys
 name = sys.argv[1]
