@@ -47,6 +47,8 @@ for line in sys.stdin:
             runpy.run_path(path, run_name="__main__")
         except SystemExit as stop:
             code = stop.code if isinstance(stop.code, int) else int(stop.code is not None)
+            if not isinstance(stop.code, (int, type(None))):
+                print(stop.code, file=sys.stderr)  # as the interpreter does for sys.exit("...")
         except BaseException:
             traceback.print_exc()
             code = 1
