@@ -357,10 +357,10 @@ def _original_filler(trim: VocabMap, previous: VocabMap | None) -> int:
 def _unk_id(tokenizer: Any) -> int | None:
     if tokenizer is None:
         return None
-    unk = getattr(tokenizer, "unk_token_id", None)
-    if isinstance(unk, int):
-        return unk
-    return None
+    try:
+        return tokenizer_trim.unk_id(tokenizer)
+    except tokenizer_trim.TokenizerTrimError:
+        return None  # a slow tokenizer: id-map mode works without reading its model
 
 
 def _token_id(tokenizer: Any, token: str, name: str) -> int:

@@ -53,6 +53,7 @@ __all__ = [
     "remap_config_ids",
     "required_ids",
     "special_ids",
+    "unk_id",
 ]
 
 SUPPORTED_MODELS = ("BPE", "Unigram", "WordLevel", "WordPiece")
@@ -194,6 +195,15 @@ def _special_ids(vocab: _Vocab, tokenizer: Any) -> set[int]:
     if not isinstance(tokenizer, Tokenizer):
         ids.update(i for i in getattr(tokenizer, "all_special_ids", ()) if isinstance(i, int))
     return {i for i in ids if 0 <= i < vocab.size and vocab.tokens[i] is not None}
+
+
+def unk_id(tokenizer: Any) -> int | None:
+    """The unknown token's id: a Hugging Face tokenizer's ``unk_token_id``, else the tokenizer
+    model's own (WordPiece / BPE ``unk_token``, Unigram ``unk_id``); None when it has none."""
+    hf = getattr(tokenizer, "unk_token_id", None)
+    if isinstance(hf, int):
+        return hf
+    return _model_unk_id(_read(tokenizer))
 
 
 def _model_unk_id(vocab: _Vocab) -> int | None:

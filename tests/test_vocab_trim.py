@@ -182,6 +182,11 @@ def test_logit_bias_buffers_and_padding_idx_are_trimmed() -> None:
     stats = result.report.records[0].stats
     assert stats["slice-logit-bias"] == 1 and stats["renumber-id-comparison"] == 1
     verify.assert_equivalent(model, out, max_examples=5)
+    # padding_idx changes no forward value (only which row gets no gradient), so the
+    # equivalence above cannot see it: the lookup must name the padding token's new id
+    (lookup,) = out.graph.find_nodes(op="call_function", target=torch.ops.aten.embedding.default)
+    assert stats["renumber-padding-idx"] == 1
+    assert lookup.args[2] == int(vmap.positions(torch.tensor([4]))[0]) == 1
 
 
 # --- the embedded model and its tokenizer -----------------------------------------------------
@@ -374,6 +379,30 @@ def test_trained_tokenizers_of_other_types_end_to_end(family: str, kind: str) ->
         with torch.no_grad():
             want = model(old).logits[..., vmap.kept]
         torch.testing.assert_close(out(new).logits, want, rtol=0, atol=1e-6)
+
+
+def test_id_map_reads_a_removed_id_from_the_unknown_token_row() -> None:
+    # In id-map mode the old tokenizer stays, so a removed id can reach the graph: it must read
+    # the unknown token's row (the first kept row only when there is no kept unknown token).
+    lines = _docstring_lines()
+    tokenizer = _wordpiece(lines)
+    model = ModelSpec("bert", vocab=tokenizer.get_vocab_size(), layers=1).build()
+    sample = torch.tensor([tokenizer.encode(lines[0]).ids[:6], tokenizer.encode(lines[1]).ids[:6]])
+    gm = rewriter.trace(model, (sample,), dynamic_shapes="auto")
+    out = _trim(gm, lines[:5], "vocab-trim(mode=id-map)", tokenizer=tokenizer).graph_module
+    vmap = vocab.vocab_map(out)
+    unk = tokenizer.token_to_id("[UNK]")
+    kept = set(vmap.kept.tolist())
+    removed = [i for i in range(vmap.original_size) if i not in kept]
+    assert unk in kept and unk != int(vmap.kept[0]) and removed
+    assert int(vmap.kept[vmap.filler]) == unk
+    with_removed, with_unk = sample.clone(), sample.clone()
+    with_removed[:, 2] = removed[len(removed) // 2]
+    with_unk[:, 2] = unk
+    assert torch.equal(out(with_removed).logits, out(with_unk).logits)
+    with torch.no_grad():
+        want = model(with_unk).logits[..., vmap.kept]
+    torch.testing.assert_close(out(with_removed).logits, want, rtol=0, atol=1e-6)
 
 
 def test_a_tokenizer_that_cannot_be_rebuilt_is_a_clear_error() -> None:
