@@ -44,7 +44,8 @@ class ModelSpec:
     dtype: torch.dtype = torch.float32
     max_positions: int = 64
     options: tuple[tuple[str, Any], ...] = ()
-    """Family switches, e.g. ``(("use_parallel_residual", False),)`` or ``(("attn", "eager"),)``."""
+    """Family switches, e.g. ``(("use_parallel_residual", False),)`` or ``(("attn", "eager"),)``;
+    ``("eps", 1e-3)`` sets every norm's epsilon (in the config and in each norm module)."""
 
     @property
     def hidden(self) -> int:
@@ -61,7 +62,12 @@ class ModelSpec:
         """The Hugging Face config (None for ``tenc``)."""
         if self.family not in FAMILIES:
             raise ValueError(f"unknown family '{self.family}' (known: {', '.join(FAMILIES)})")
-        return _CONFIGS[self.family](self) if self.family != "tenc" else None
+        if self.family == "tenc":
+            return None
+        config = _CONFIGS[self.family](self)
+        if self.option("eps") is not None and self.family in _EPS_KEYS:
+            setattr(config, _EPS_KEYS[self.family], float(self.option("eps")))
+        return config
 
     def build(self) -> nn.Module:
         """The model in eval mode, deterministically initialised from ``seed``."""
@@ -73,6 +79,8 @@ class ModelSpec:
                 model = _build_hf(self)
             generator = torch.Generator().manual_seed(self.seed + 1)
             _randomize_affines(model, generator)
+            if self.option("eps") is not None:
+                _set_norm_eps(model, float(self.option("eps")))
             if self.outliers:
                 _inject_outliers(model, generator, self)
         return model.to(self.dtype).eval()
@@ -110,6 +118,8 @@ class ModelSpec:
             options["word_embed_proj_dim"] = choose.choice([spec.hidden, max(4, spec.hidden // 2)])
         if family == "llama":
             options["kv_heads"] = choose.choice([h for h in (1, 2, 4) if heads % h == 0])
+        # the norm's epsilon: centering, folding and CRMSNorm must carry it, not assume 1e-5
+        options["eps"] = choose.choice(list(RMS_EPS if family == "llama" else LAYER_NORM_EPS))
         return spec.with_options(**options)
 
     def example_inputs(self, batch: int = 2, seq: int = 8, seed: int = 0) -> tuple[torch.Tensor]:
@@ -297,6 +307,29 @@ class EncoderLM(nn.Module):
 
 
 _NORMS = (nn.LayerNorm,)
+
+# the config key of each family's norm epsilon (OPT and tenc have none: set on the modules)
+_EPS_KEYS = {
+    "gpt2": "layer_norm_epsilon",
+    "gpt_neox": "layer_norm_eps",
+    "bloom": "layer_norm_epsilon",
+    "llama": "rms_norm_eps",
+    "bert": "layer_norm_eps",
+}
+LAYER_NORM_EPS = (1e-12, 1e-6, 1e-5, 1e-3)
+"""LayerNorm epsilons drawn: BERT's 1e-12, the common 1e-5 and 1e-6, and a large 1e-3."""
+RMS_EPS = (1e-6, 1e-5)
+"""RMSNorm epsilons drawn (Llama's two)."""
+
+
+def _set_norm_eps(model: nn.Module, eps: float) -> None:
+    """Every norm module's epsilon (``eps`` or Hugging Face's ``variance_epsilon``)."""
+    for module in model.modules():
+        if not _is_norm(module):
+            continue
+        for attr in ("eps", "variance_epsilon"):
+            if hasattr(module, attr):
+                setattr(module, attr, eps)
 
 
 def _is_norm(module: nn.Module) -> bool:

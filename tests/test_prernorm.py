@@ -95,17 +95,21 @@ def test_equivalent_on_random_configs(family: str, dtype: torch.dtype) -> None:
 @pytest.mark.parametrize(
     ("spec", "centering", "untied"),
     [
-        (ModelSpec("gpt2", tied=True), 0, 1),
-        (ModelSpec("gpt2", tied=False), 0, 0),
+        (ModelSpec("gpt2", tied=True).with_options(eps=1e-3), 0, 1),
+        (ModelSpec("gpt2", tied=False).with_options(eps=1e-12), 0, 0),
         (ModelSpec("bloom", tied=True), 1, 1),
-        (ModelSpec("opt", tied=True).with_options(word_embed_proj_dim=8), 0, 0),
-        (ModelSpec("gpt_neox", tied=False).with_options(use_parallel_residual=True), 0, 0),
-        (ModelSpec("tenc", tied=True), 0, 1),
+        (ModelSpec("opt", tied=True).with_options(word_embed_proj_dim=8, eps=1e-3), 0, 0),
+        (
+            ModelSpec("gpt_neox", tied=False).with_options(use_parallel_residual=True, eps=1e-6),
+            0,
+            0,
+        ),
+        (ModelSpec("tenc", tied=True).with_options(eps=1e-3), 0, 1),
     ],
     ids=["gpt2-tied", "gpt2-untied", "bloom", "opt-project-in", "neox-parallel", "tenc"],
 )
 def test_structure(spec: ModelSpec, centering: int, untied: int) -> None:
-    _, gm = traced(spec)
+    model, gm = traced(spec)
     norms = op_counts(gm)["aten.layer_norm.default"]
     result = _run(gm)
     counts = op_counts(result.graph_module)
@@ -116,7 +120,8 @@ def test_structure(spec: ModelSpec, centering: int, untied: int) -> None:
     for node in result.graph_module.graph.find_nodes(
         op="call_function", target=aten.rms_norm.default
     ):
-        assert node.args[3] == 1e-5  # the LN's eps, explicit
+        assert node.args[3] == spec.option("eps", 1e-5)  # the LN's own eps, explicit
+    verify.assert_equivalent(model, result.graph_module, max_examples=2)
     # The rewrite is in the code, not only in the graph: re-export sees no layer_norm either.
     info = rewriter.trace_info(gm)
     ep = torch.export.export(
