@@ -29,6 +29,12 @@ def _randomize(gm: torch.fx.GraphModule, seed: int = 0, size: float = 0.5) -> No
                 parameter.copy_(noise * size)
 
 
+def _within_tolerance(got: torch.Tensor, want: torch.Tensor) -> None:
+    """The project's tolerance rule (``verify.tolerance``) for an exact claim."""
+    error = float((got - want).abs().max())
+    assert error <= verify.tolerance(want), (error, verify.tolerance(want))
+
+
 @settings(max_examples=4, deadline=None)
 @given(
     spec=verify.model_specs(FAMILIES, dtype=torch.float64),
@@ -162,18 +168,21 @@ def test_report_counts_trainable_parameters_like_peft() -> None:
     assert sorted(trainable) == sorted(n for r in records(result.graph_module) for n in r.trainable)
 
 
-def test_pissa_on_a_tied_head_unties_and_leaves_the_embedding() -> None:
+@pytest.mark.parametrize("init", ["pissa", "default"])
+def test_an_adapter_on_a_tied_head_unties_and_leaves_the_embedding(init: str) -> None:
+    # PiSSA writes a residual at injection, a plain LoRA writes the head at merge: either way
+    # the tied embedding table must keep its bits
     spec = ModelSpec("gpt2", layers=1, vocab=100, tied=True)
     model = spec.build()
     gm = rewriter.trace(model, spec.example_inputs(), dynamic_shapes="auto")
     before = fingerprint(model), graph_fingerprint(gm)
-    out = rewriter.Pipeline.parse("lora(targets='.*',init=pissa,r=2)").run(gm).graph_module
+    out = rewriter.Pipeline.parse(f"lora(targets='.*',init={init},r=2)").run(gm).graph_module
     assert any("lm_head" in r.module for r in records(out))
-    torch.testing.assert_close(_embedding_table(out), model.transformer.wte.weight)
+    assert torch.equal(_embedding_table(out), model.transformer.wte.weight)
     _randomize(out)
     merged = rewriter.Pipeline.parse("merge-adapters").run(out).graph_module
     verify.assert_equivalent(out, merged, max_examples=3)
-    torch.testing.assert_close(_embedding_table(merged), model.transformer.wte.weight)
+    assert torch.equal(_embedding_table(merged), model.transformer.wte.weight)
     assert (fingerprint(model), graph_fingerprint(gm)) == before
 
 
@@ -340,16 +349,16 @@ def test_a_module_applied_twice_gets_one_shared_adapter(method: str, tmp_path) -
     adapted = rewriter.Pipeline.parse(method).run(gm).graph_module
     (record,) = records(adapted)
     assert len(record.outputs) == 2 and len(record.trainable) == 2
-    torch.testing.assert_close(adapted(x), model(x), rtol=1e-5, atol=1e-5)  # exact at init
+    _within_tolerance(adapted(x), model(x))  # exact at init (PiSSA's residual rounds)
     _randomize(adapted, seed=1)
     moved = adapted(x)
     assert not torch.allclose(moved, model(x))
     merged = rewriter.Pipeline.parse("merge-adapters(keep_base=true)").run(adapted).graph_module
-    torch.testing.assert_close(merged(x), moved, rtol=1e-5, atol=1e-5)
+    _within_tolerance(merged(x), moved)
     assert sum(p.numel() for p in merged.parameters()) == sum(p.numel() for p in gm.parameters())
     unmerged = rewriter.Pipeline.parse("unmerge-adapters").run(merged).graph_module
     assert len(records(unmerged)[0].outputs) == 2
-    torch.testing.assert_close(unmerged(x), moved, rtol=1e-6, atol=1e-6)
+    assert torch.equal(unmerged(x), moved)  # keep_base restores the base bit for bit
     path = str(tmp_path / "a.safetensors")
     if "pissa" in method:  # the base weight is the residual: the factors alone are not enough
         with pytest.raises(ValueError, match="residual"):
@@ -357,4 +366,4 @@ def test_a_module_applied_twice_gets_one_shared_adapter(method: str, tmp_path) -
         return
     rewriter.adapters.save(adapted, path)
     loaded = rewriter.adapters.load(gm, path)
-    torch.testing.assert_close(loaded(x), moved, rtol=1e-6, atol=1e-6)
+    assert torch.equal(loaded(x), moved)  # the same factors on the same graph

@@ -5,10 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 from hypothesis import given, settings
+from rewriter.passes.canonicalize import RULES_NORMS
 from torch import nn
 
 import rewriter
 from rewriter import verify
+from rewriter.driver import Rewriter, apply_rules
 from rewriter.families import FAMILIES, ModelSpec
 from rewriter.graph import format_graph, op_counts
 from rewriter.testing import fingerprint, traced
@@ -153,11 +155,27 @@ class NearMisses(nn.Module):
         over_batch = x * torch.rsqrt(x.pow(2).mean(0, keepdim=True) + 1e-6)
         eps_outside = x / (torch.sqrt(x.pow(2).mean(-1, keepdim=True)) + 1e-6)
         cubed = x * torch.rsqrt(x.pow(3).abs().mean(-1, keepdim=True) + 1e-6)
+        fourth = x * torch.rsqrt(x.pow(4).mean(-1, keepdim=True) + 1e-6)  # reaches the square
         other_input = x * torch.rsqrt((x + 1).pow(2).mean(-1, keepdim=True) + 1e-6)
         unbiased = (x - x.mean(-1, keepdim=True)) / torch.sqrt(x.var(-1, keepdim=True) + 1e-5)
+        # aten.var.correction, the op the LayerNorm rule knows, with Bessel's correction
+        corrected = (x - x.mean(-1, keepdim=True)) / torch.sqrt(
+            torch.var(x, -1, keepdim=True, correction=1) + 1e-5
+        )
+        no_eps = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True))  # no eps: not rms_norm(eps)
         rms = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)
         broadcast_weight = rms * self.wide  # the weight is [T, d], not a [d] vector
-        return over_batch, eps_outside, cubed, other_input, unbiased, broadcast_weight
+        return (
+            over_batch,
+            eps_outside,
+            cubed,
+            fourth,
+            other_input,
+            unbiased,
+            corrected,
+            no_eps,
+            broadcast_weight,
+        )
 
 
 def test_near_misses_are_not_rewritten() -> None:
@@ -173,3 +191,16 @@ def test_near_misses_are_not_rewritten() -> None:
     stats = result.report.records[0].stats
     assert "absorb-rms-norm-weight" not in stats
     verify.assert_equivalent(model, result.graph_module, max_examples=3)
+
+
+def test_near_misses_reach_the_guard_that_refuses_them() -> None:
+    # The corrected variance matches the LayerNorm rule's shape up to `correction`: the rule
+    # must be tried at that node and refused for the correction, not for an unrelated reason.
+    gm = rewriter.trace(NearMisses(), (torch.randn(3, 4, 8),))
+    reasons: dict[str, list[str]] = {}
+    apply_rules(
+        Rewriter(gm),
+        RULES_NORMS,
+        explain=lambda node, rule, why: reasons.setdefault(rule.name, []).append(why),
+    )
+    assert any("1 != 0" in why for why in reasons["recognize-layer-norm"])

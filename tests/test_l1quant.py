@@ -88,7 +88,7 @@ def test_head_option_and_activation_bits_and_odd_widths(tmp_path) -> None:
 
 
 def test_after_prernorm_and_fold_ln_norms_become_uncentered_l1() -> None:
-    model, gm = traced(ModelSpec("gpt2", layers=2, vocab=100))
+    model, gm = traced(ModelSpec("gpt2", layers=2, vocab=100).with_options(eps=1e-3))
     out = (
         rewriter.Pipeline.parse("canonicalize,prernorm,fold-ln,l1quant(bits=8)")
         .run(gm, _context())
@@ -96,6 +96,9 @@ def test_after_prernorm_and_fold_ln_norms_become_uncentered_l1() -> None:
     )
     nodes = [n for n in out.graph.nodes if str(n.target) == L1]
     assert len(nodes) == 5 and all(n.args[4] is False and n.args[1] is None for n in nodes)
+    # the L1 norm's eps is the square root of the LayerNorm's (it is added to a mean |x|, not
+    # to a mean square)
+    assert all(n.args[3] == pytest.approx(math.sqrt(1e-3), rel=1e-12) for n in nodes)
     rewriter.verify.compare(
         model, out, model_inputs := ModelSpec("gpt2", vocab=100).example_inputs()
     )

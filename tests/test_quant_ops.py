@@ -82,6 +82,35 @@ def test_quantized_weights_are_integers_times_powers_of_two(
     assert ((ours - padded).pow(2).sum(-1) <= (plain - padded).pow(2).sum(-1) * (1 + 1e-12)).all()
 
 
+@pytest.mark.parametrize(
+    ("bits", "search", "winners"),
+    [(2, 1, 2), (4, 1, 2), (8, 1, 2), (2, 2, 3), (3, 4, 2), (4, 4, 2)],
+)
+def test_the_scale_search_keeps_the_least_error_exponent(bits: int, search: int, winners: int):
+    # Brute force over e0, e0-1, ..., e0-search: the chosen exponent has the least squared error
+    # (ties to the larger scale). On heavy-tailed groups the first `winners` candidates each win
+    # somewhere (deeper shifts clip too much to win here), so a search that stops one candidate
+    # short, or compares the wrong way, is caught.
+    generator = torch.Generator().manual_seed(bits)
+    shape = (48, 256)
+    weight = torch.randn(shape, generator=generator) * torch.exp(
+        2.0 * torch.randn(shape, generator=generator)
+    )
+    group = 32
+    _, exponents = quant.quantize_weight(weight, bits, group, search=search)
+    groups = weight.double().reshape(shape[0], -1, group)
+    top = quant.qmax(bits)
+    e0 = quant.ceil_log2(groups.abs().amax(-1) / top)
+    errors = []
+    for shift in range(search + 1):
+        scale = torch.exp2(e0 - shift).unsqueeze(-1)
+        q = torch.clamp(torch.round(groups / scale), -top, top) * scale
+        errors.append((q - groups).pow(2).sum(-1))
+    best = torch.stack(errors).argmin(0)  # the first minimum: ties go to the larger scale
+    assert set(best.unique().tolist()) == set(range(winners))
+    assert torch.equal(exponents.long(), (e0 - best).long())
+
+
 def test_all_zero_groups_and_a_huge_outlier() -> None:
     weight = torch.zeros(2, 64)
     weight[1, 32:] = torch.linspace(-0.01, 0.01, 32)
