@@ -66,7 +66,7 @@ def test_the_cut_graphs_agree_with_the_model_step_by_step() -> None:
     logits, cache = graphs.run_prefill(ids, mask, pos)
     with torch.no_grad():
         ref = model(ids, attention_mask=mask, position_ids=pos, use_cache=True)
-    torch.testing.assert_close(logits, ref.logits, rtol=1e-5, atol=1e-5)
+    assert (logits - ref.logits).abs().max() <= verify.tolerance(ref.logits)  # exact claim
     assert len(cache) == 2 * 2 and cache[0].shape[2] == ids.shape[1]
     token = ref.logits[:, -1].argmax(-1, keepdim=True)
     mask2 = torch.cat([mask, torch.ones_like(token)], 1)
@@ -79,7 +79,7 @@ def test_the_cut_graphs_agree_with_the_model_step_by_step() -> None:
             past_key_values=ref.past_key_values,
             use_cache=True,
         )
-    torch.testing.assert_close(step_logits, ref2.logits, rtol=1e-5, atol=1e-5)
+    assert (step_logits - ref2.logits).abs().max() <= verify.tolerance(ref2.logits)
     assert cache2[0].shape[2] == ids.shape[1] + 1
 
 
@@ -214,6 +214,8 @@ def test_calibrated_passes_calibrate_a_module_once_on_the_step_graph(embedded) -
     with torch.no_grad():
         want = a(ids).logits
         got = b(ids, attention_mask=mask, position_ids=deploy.positions(mask)).logits
+    # Not bit-exact by design: the frozen scales are means over the same calibration tokens
+    # gathered from two halves instead of one graph, summed in another float32 order.
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
     assert sum(p.numel() for p in b.parameters()) == sum(p.numel() for p in a.parameters())
     result = deploy.generate(deploy.split(b), tokenizer, ["Return the"], 4)
@@ -282,6 +284,8 @@ def test_linearized_step_graph_decodes_from_a_fixed_size_state(family, options, 
     ids, mask = _prompts(64, seed=4)
     pos = deploy.positions(mask)
     with torch.no_grad():
+        # The same fitted linearization traced two ways: the step graph runs the recurrent
+        # form over a state, the full trace the chunked form; float32 sums in other orders.
         torch.testing.assert_close(
             step(ids, attention_mask=mask, position_ids=pos).logits,
             reference(ids, attention_mask=mask, position_ids=pos).logits,
