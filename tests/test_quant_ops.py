@@ -134,6 +134,12 @@ def test_ceil_log2_is_exact(value: float, nudge: int) -> None:
     assert 2.0**e >= float(ratio) > 2.0 ** (e - 1)
 
 
+def test_ceil_log2_of_exact_powers_of_two_is_their_exponent() -> None:
+    # the draws above almost never hit a power of two exactly, where `<` vs `<=` decides
+    exponents = torch.arange(-126, 128, dtype=torch.float32)
+    assert torch.equal(quant.ceil_log2(torch.exp2(exponents)), exponents)
+
+
 @given(bits=BITS, rows=st.integers(1, 4), width=st.integers(1, 40), seed=st.integers(0, 99))
 def test_activation_rounding_is_per_token_power_of_two_without_clipping(
     bits: int, rows: int, width: int, seed: int

@@ -166,6 +166,8 @@ def test_logit_bias_buffers_and_padding_idx_are_trimmed() -> None:
         def __init__(self) -> None:
             super().__init__()
             self.embed = torch.nn.Embedding(30, 8, padding_idx=4)
+            with torch.no_grad():  # a non-zero padding row, so the `ids != 4` mask matters
+                self.embed.weight[4].normal_()
             self.head = torch.nn.Linear(8, 30, bias=False)
             self.register_buffer("final_logits_bias", torch.randn(1, 30))
 
@@ -403,6 +405,23 @@ def test_id_map_reads_a_removed_id_from_the_unknown_token_row() -> None:
     with torch.no_grad():
         want = model(with_unk).logits[..., vmap.kept]
     torch.testing.assert_close(out(with_removed).logits, want, rtol=0, atol=1e-6)
+
+
+def test_id_map_without_an_unknown_token_reads_the_first_kept_row() -> None:
+    # No tokenizer and no special ids (tenc has no config): a removed id reads the first kept
+    # token's row, which is row 0 of the trimmed tables, not row `kept[0]` (its original id).
+    spec = ModelSpec("tenc", vocab=48)
+    model, gm = traced(spec)
+    out = _trim(gm, torch.tensor([[5, 9, 11, 17, 23, 30, 41]]), "vocab-trim(mode=id-map)")
+    out = out.graph_module
+    kept = vocab.vocab_map(out).kept
+    assert int(kept[0]) == 5
+    ids = torch.tensor([[5, 9, 2, 11]])  # 2 was removed
+    first = torch.tensor([[5, 9, 5, 11]])
+    assert torch.equal(out(ids), out(first))
+    with torch.no_grad():
+        want = model(first)[..., kept]
+    assert (out(ids) - want).abs().max() <= verify.tolerance(want)
 
 
 def test_a_tokenizer_that_cannot_be_rebuilt_is_a_clear_error() -> None:
