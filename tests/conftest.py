@@ -25,7 +25,7 @@ import warnings
 
 import pytest
 import torch
-from hypothesis import HealthCheck, settings
+from hypothesis import HealthCheck, Phase, settings
 from transformers import GenerationConfig, PretrainedConfig
 
 import rewriter.metrics
@@ -46,6 +46,10 @@ settings.register_profile(
     max_examples=200,
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+# benchmarks/mutation.py: a failure is all the campaign needs, so no time goes to shrinking it
+settings.register_profile(
+    "mutation", settings.get_profile("ci"), phases=[Phase.explicit, Phase.reuse, Phase.generate]
 )
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
