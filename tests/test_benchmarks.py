@@ -1,4 +1,5 @@
-"""The fuzz campaign runs a small sample in CI (the full one runs on demand)."""
+"""The fuzz campaign runs a small sample in CI (the full one runs on demand); the mutation
+campaign's mutants still apply to the source as it is."""
 
 from __future__ import annotations
 
@@ -32,6 +33,21 @@ def test_fuzz_campaign_sample_finds_no_mismatch() -> None:
     assert "0 failures" in done.stdout
     for family in ("gpt2", "opt", "gpt_neox", "bloom", "llama", "bert", "tenc"):
         assert family in done.stdout
+
+
+def test_every_mutant_of_the_mutation_campaign_still_applies() -> None:
+    # `--list` checks that each mutant's original text occurs exactly once in its file and that
+    # its test files exist: a change to a mutated line must update the mutant, or the
+    # campaign would silently stop testing that code.
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "mutation.py"), "--list"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    count = int(done.stdout.strip().splitlines()[-1].split()[0])
+    assert count >= 40
 
 
 def test_triton_benchmark_dry_runs_without_a_gpu_and_checks_itself_interpreted(tmp_path) -> None:
