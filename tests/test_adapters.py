@@ -168,6 +168,39 @@ def test_report_counts_trainable_parameters_like_peft() -> None:
     assert sorted(trainable) == sorted(n for r in records(result.graph_module) for n in r.trainable)
 
 
+@pytest.mark.parametrize("family", ["gpt2", "llama"])  # Conv1D (in, out) and Linear (out, in)
+def test_lora_sb_starts_from_the_best_rank_r_first_update(family: str) -> None:
+    # LoRA-SB's injected delta is the best rank-r approximation of -lr sign(g), g the gradient
+    # of the next-token loss on the calibration batch, in the (out, in) orientation; the
+    # reference gradient comes from the Hugging Face model, not from the pass's own copy.
+    from rewriter.adapters import delta_weight
+    from rewriter.train import causal_lm_loss
+
+    spec = ModelSpec(family, layers=1, dtype=torch.float64, heads=2, head_dim=8, vocab=40)
+    model = spec.build()
+    gm = rewriter.trace(model, spec.example_inputs(), dynamic_shapes="auto")
+    batch = torch.randint(0, spec.vocab, (2, 8), generator=torch.Generator().manual_seed(5))
+    ctx = rewriter.PassContext(calibration=batch, progress=False, batch_size=2)
+    out = rewriter.Pipeline.parse("lora-sb(r=2,samples=1,update_lr=0.01)").run(gm, ctx)
+    out = out.graph_module
+    model.zero_grad()
+    causal_lm_loss(model(batch).logits, batch).backward()
+    weights = dict(model.named_parameters())
+    checked = 0
+    for record in records(out):
+        grad = weights[record.weight].grad.to(torch.float64)
+        grad = grad if record.layout == "out_in" else grad.T
+        if min(grad.shape) <= 2 or (grad == 0).all():
+            continue
+        u, s, vh = torch.linalg.svd(-0.01 * torch.sign(grad), full_matrices=False)
+        want = u[:, :2] @ torch.diag(s[:2]) @ vh[:2]
+        got = delta_weight(out, record)
+        assert got.shape == want.shape
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-9)  # SVDs of one matrix
+        checked += 1
+    assert checked >= 3
+
+
 @pytest.mark.parametrize("init", ["pissa", "default"])
 def test_an_adapter_on_a_tied_head_unties_and_leaves_the_embedding(init: str) -> None:
     # PiSSA writes a residual at injection, a plain LoRA writes the head at merge: either way
