@@ -162,6 +162,7 @@ def main() -> None:
         print(f"{len(mutants)} mutants")
         return
 
+    started = time.perf_counter()
     jobs = max(1, min(args.jobs, len(mutants)))
     with tempfile.TemporaryDirectory(prefix="rewriter-mutation-") as tmp:
         copies = [stage(Path(tmp) / f"copy{i}") for i in range(jobs)]
@@ -198,12 +199,23 @@ def main() -> None:
     killed = [r for r in results if r["status"] == "killed"]
     survivors = [r for r in results if r["status"] == "survived"]
     rate = len(killed) / len(results) if results else 0.0
+    wall = time.perf_counter() - started
+    busy = sum(r["seconds"] for r in results)
     print(f"\nkilled {len(killed)} of {len(results)} mutants ({100 * rate:.1f}%)")
+    print(f"{wall / 60:.1f} min in all ({busy / 60:.1f} mutant-minutes, {jobs} at a time)")
     for r in survivors:
         print(f"  survived: {r['id']} ({r['path']}): {r['bug']}")
     path = write(
         "mutation",
-        {"killed": len(killed), "total": len(results), "rate": rate, "mutants": results},
+        {
+            "killed": len(killed),
+            "total": len(results),
+            "rate": rate,
+            "wall_s": round(wall, 1),
+            "mutant_s": round(busy, 1),
+            "jobs": jobs,
+            "mutants": results,
+        },
     )
     print(f"wrote {path}")
 
