@@ -88,7 +88,7 @@ def check(mutants: list[Mutant]) -> None:
 
 
 def run_tests(
-    directory: Path, tests: tuple[str, ...], timeout: float, workers: int = 0
+    directory: Path, tests: tuple[str, ...], timeout: float, seed: int, workers: int = 0
 ) -> tuple[str, str, float]:
     """``(outcome, first failing test or tail, seconds)`` of the tests in ``directory``."""
     env = dict(
@@ -96,6 +96,7 @@ def run_tests(
         PYTHONDONTWRITEBYTECODE="1",
         REWRITER_TEST_THREADS="1",
         HYPOTHESIS_PROFILE="mutation",  # the ci draws, without shrinking a failure
+        REWRITER_TEST_SEED=str(seed),  # one seed for the baseline and every mutant
     )
     env.pop("PYTHONPATH", None)
     command = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *tests]
@@ -117,12 +118,12 @@ def run_tests(
     return ("failed" if done.returncode == 1 else f"exit {done.returncode}"), detail, seconds
 
 
-def run_mutant(directory: Path, mutant: Mutant, timeout: float) -> dict:
+def run_mutant(directory: Path, mutant: Mutant, timeout: float, seed: int) -> dict:
     target = directory / installed_path(mutant.path)
     original = target.read_text()
     target.write_text(original.replace(mutant.original, mutant.mutated, 1))
     try:
-        outcome, detail, seconds = run_tests(directory, mutant.tests, timeout)
+        outcome, detail, seconds = run_tests(directory, mutant.tests, timeout, seed)
     finally:
         target.write_text(original)
     status = "survived" if outcome == "passed" else "killed"
@@ -145,6 +146,9 @@ def main() -> None:
     parser.add_argument("--timeout", type=float, default=900.0, help="seconds per mutant")
     parser.add_argument("--list", action="store_true", help="print the mutants and exit")
     parser.add_argument("--no-baseline", action="store_true", help="skip the unmutated run")
+    parser.add_argument(
+        "--seed", type=int, default=0, help="the tests' draw seed (REWRITER_TEST_SEED), default 0"
+    )
     args = parser.parse_args()
 
     mutants = list(MUTANTS)
@@ -169,7 +173,9 @@ def main() -> None:
         if not args.no_baseline:
             tests = tuple(sorted({t for m in mutants for t in m.tests}))
             print(f"baseline: {len(tests)} test files, unmutated ...", flush=True)
-            outcome, detail, seconds = run_tests(copies[0], tests, args.timeout * 4, workers=2)
+            outcome, detail, seconds = run_tests(
+                copies[0], tests, args.timeout * 4, args.seed, workers=2
+            )
             print(f"baseline: {outcome} in {seconds:.0f} s {detail}", flush=True)
             if outcome != "passed":
                 raise SystemExit("mutation.py: the unmutated copy fails its tests; fix that first")
@@ -182,7 +188,9 @@ def main() -> None:
             while queue or pending:
                 while queue and free:
                     copy = free.pop()
-                    pending[pool.submit(run_mutant, copy, queue.pop(0), args.timeout)] = copy
+                    pending[
+                        pool.submit(run_mutant, copy, queue.pop(0), args.timeout, args.seed)
+                    ] = copy
                 done, _ = concurrent.futures.wait(
                     pending, return_when=concurrent.futures.FIRST_COMPLETED
                 )
@@ -214,6 +222,7 @@ def main() -> None:
             "wall_s": round(wall, 1),
             "mutant_s": round(busy, 1),
             "jobs": jobs,
+            "seed": args.seed,
             "mutants": results,
         },
     )

@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import random
 from collections.abc import Sequence
 from typing import Any
 
@@ -41,6 +40,7 @@ import torch
 import torch.fx
 from hypothesis import HealthCheck, currently_in_test_context, given, settings
 from hypothesis import strategies as st
+from hypothesis.control import current_build_context
 from torch.utils import _pytree as pytree
 
 from rewriter import vocab
@@ -405,20 +405,32 @@ def inputs(
     position limit; values come from a drawn seed, so examples shrink to small, readable cases.
     """
     specs = list(specs) if specs is not None else input_specs(gm)
-    info = trace_info(gm)
-    bounds = _dim_bounds(gm, specs, info, max_size)
+    parts = _input_parts(_dim_bounds(gm, specs, trace_info(gm), max_size))
+    return parts.map(lambda drawn: _build(specs, *drawn))
+
+
+def _input_parts(
+    bounds: dict[str, tuple[int, int]],
+) -> st.SearchStrategy[tuple[dict[str, int], int, str]]:
+    """What one drawn input is made from: the dim sizes, a value seed and a padding side."""
 
     @st.composite
-    def draw(draw_fn: Any) -> tuple[torch.Tensor, ...]:
+    def draw(draw_fn: Any) -> tuple[dict[str, int], int, str]:
         sizes = {
             name: draw_fn(st.integers(lo, hi), label=name) for name, (lo, hi) in bounds.items()
         }
         seed = draw_fn(st.integers(0, 2**31 - 1), label="seed")
         padding = draw_fn(st.sampled_from(["none", "left", "right"]), label="padding")
-        generator = torch.Generator().manual_seed(seed)
-        return tuple(_make(spec, sizes, padding, generator) for spec in specs)
+        return sizes, seed, padding
 
     return draw()
+
+
+def _build(
+    specs: Sequence[InputSpec], sizes: dict[str, int], seed: int, padding: str
+) -> tuple[torch.Tensor, ...]:
+    generator = torch.Generator().manual_seed(seed)
+    return tuple(_make(spec, sizes, padding, generator) for spec in specs)
 
 
 def _dim_bounds(
@@ -547,9 +559,8 @@ def assert_equivalent(
     side = "candidate" if graph is candidate else "reference"
     count = max_examples if max_examples is not None else settings().max_examples
     if currently_in_test_context():
-        # Inside a user's own @given test (over model configs, say), a nested @given would be
-        # refused by hypothesis; draw from the same distribution with a seeded generator.
-        _check_plain(reference, candidate, graph, count, max_size, rtol, atol, side)
+        # Inside a user's own @given test (over model configs, say): draw from that test's data.
+        _check_nested(reference, candidate, graph, count, max_size, rtol, atol, side)
         return first if first is not None else _EMPTY
 
     @settings(
@@ -575,7 +586,7 @@ def _shapes(tensors: Sequence[torch.Tensor]) -> str:
     return ", ".join(f"{tuple(t.shape)}" for t in tensors)
 
 
-def _check_plain(
+def _check_nested(
     reference: torch.nn.Module,
     candidate: torch.nn.Module,
     graph: torch.fx.GraphModule,
@@ -585,15 +596,17 @@ def _check_plain(
     atol: float | None,
     side: str = "candidate",
 ) -> None:
+    """The input draws of a check made inside a running ``@given`` test.
+
+    A nested ``@given`` is refused by hypothesis, so the inputs are drawn from the running test's
+    own data: they are part of its example, follow its seed, and shrink with it.
+    """
     specs = input_specs(graph)
-    bounds = _dim_bounds(graph, specs, trace_info(graph), max_size)
-    rng = random.Random(0)
+    parts = _input_parts(_dim_bounds(graph, specs, trace_info(graph), max_size))
+    data = current_build_context().data
     for _ in range(count):
-        sizes = {name: rng.randint(lo, hi) for name, (lo, hi) in bounds.items()}
-        seed = rng.randrange(2**31)
-        padding = rng.choice(["none", "left", "right"])
-        generator = torch.Generator().manual_seed(seed)
-        drawn = tuple(_make(spec, sizes, padding, generator) for spec in specs)
+        sizes, seed, padding = data.draw(parts)
+        drawn = _build(specs, sizes, seed, padding)
         report = compare(reference, candidate, drawn, rtol=rtol, atol=atol, inputs_of=side)
         if not report.ok:
             raise AssertionError(

@@ -1,7 +1,9 @@
 """Test policy (see docs/testing.md).
 
-* hypothesis profiles: ``ci`` (default: derandomized, no deadline, few examples) and ``fuzz``
-  (many examples; ``HYPOTHESIS_PROFILE=fuzz make test``);
+* hypothesis profiles: ``ci`` (default: no deadline, few examples) and ``fuzz`` (many examples;
+  ``HYPOTHESIS_PROFILE=fuzz make test``);
+* every run draws with a new seed, printed in the header and again after a failure;
+  ``REWRITER_TEST_SEED=N make test`` repeats run N's draws (so does ``--hypothesis-seed N``);
 * torch uses a fixed number of threads, so timings and reductions are repeatable;
 * traced graphs are cached per model spec within a session (:func:`rewriter.testing.traced`),
   and every ``torch.export`` that ``rewriter.trace`` makes is remembered by the content of the
@@ -21,8 +23,10 @@ import functools
 import hashlib
 import importlib
 import os
+import random
 import warnings
 
+import hypothesis.core
 import pytest
 import torch
 from hypothesis import HealthCheck, Phase, settings
@@ -36,7 +40,7 @@ settings.register_profile(
     "ci",
     max_examples=8,
     deadline=None,
-    derandomize=True,
+    derandomize=False,  # the draws follow the run's seed (below): new ones every run
     database=None,
     print_blob=True,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
@@ -52,6 +56,57 @@ settings.register_profile(
     "mutation", settings.get_profile("ci"), phases=[Phase.explicit, Phase.reuse, Phase.generate]
 )
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+
+SEED_VARIABLE = "REWRITER_TEST_SEED"
+SEED = pytest.StashKey[int]()
+
+
+def run_seed(option: str | None, worker: dict | None, environ: dict[str, str]) -> int:
+    """The seed of this run's draws: ``--hypothesis-seed``, then the controller's (an xdist
+    worker's), then ``REWRITER_TEST_SEED``, else a new random one."""
+    for source, value in (
+        ("--hypothesis-seed", option),
+        ("the controller", (worker or {}).get("rewriter_seed")),
+        (SEED_VARIABLE, environ.get(SEED_VARIABLE) or None),
+    ):
+        if value is not None:
+            try:
+                return int(value)
+            except ValueError:
+                message = f"{source}={value!r}: the seed must be an integer"
+                raise pytest.UsageError(message) from None
+    return random.SystemRandom().randrange(2**32)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    seed = run_seed(
+        config.getoption("--hypothesis-seed", None),
+        getattr(config, "workerinput", None),
+        dict(os.environ),
+    )
+    config.stash[SEED] = seed
+    hypothesis.core.global_force_seed = seed  # what --hypothesis-seed sets; every worker the same
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_configure_node(node) -> None:  # pytest-xdist: the workers draw with the run's seed
+    node.workerinput["rewriter_seed"] = node.config.stash[SEED]
+
+
+def _seed_line(config: pytest.Config) -> str:
+    seed = config.stash[SEED]
+    return f"test seed {seed}: {SEED_VARIABLE}={seed} make test repeats this run's draws"
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    return _seed_line(config)
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Config) -> None:
+    if exitstatus not in (0, 5):  # failed or interrupted: say how to rerun the same draws
+        terminalreporter.write_line(_seed_line(config), red=True, bold=True)
+
 
 torch.set_num_threads(int(os.environ.get("REWRITER_TEST_THREADS", "2")))
 os.environ.setdefault("REWRITER_NO_PROGRESS", "1")

@@ -105,6 +105,25 @@ def test_assert_equivalent_finds_and_shrinks_a_counterexample() -> None:
     assert "max abs" in str(info.value)
 
 
+def test_a_check_inside_a_given_test_draws_from_that_test_and_shrinks() -> None:
+    """Inside a user's ``@given`` test, the input draws are part of that test's example: they
+    follow the run's seed and shrink with it (a fixed inner generator would do neither)."""
+    spec = ModelSpec("gpt2", max_positions=32)
+    model, gm = traced(spec)
+    broken = copy_graph_module(gm)
+    broken.transformer.wpe.weight = torch.nn.Parameter(gm.transformer.wpe.weight.detach().clone())
+    noise = torch.randn(20, spec.hidden, generator=torch.Generator().manual_seed(0))
+    broken.transformer.wpe.weight.data[12:] += noise  # positions >= 12 wrong
+
+    @settings(max_examples=40, database=None)
+    @given(label=st.sampled_from(["a", "b"]))
+    def check(label: str) -> None:
+        verify.assert_equivalent(model, broken, max_examples=3)
+
+    with pytest.raises(AssertionError, match=r"inputs of shapes \(\d+, 13\).* \(sizes .*seed"):
+        check()
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_model_specs_build_real_models_of_every_family(family: str) -> None:
     @settings(max_examples=3)
