@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import platform
 import statistics
@@ -13,6 +14,29 @@ from typing import Any
 import torch
 
 RESULTS = Path(__file__).parent / "results"
+
+QUICK = False
+"""Set by :func:`parse` from ``--quick``: tiny sizes and one repeat, so a script runs in about a
+minute and cannot rot (``make bench-quick``). Its numbers mean nothing; they go to
+``results/quick/`` and never overwrite a real run's."""
+
+
+def parse(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> argparse.Namespace:
+    """Parse the command line, with the ``--quick`` flag every benchmark has."""
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="smoke run: tiny sizes, one repeat (results/quick/; the numbers mean nothing)",
+    )
+    args = parser.parse_args(argv)
+    global QUICK
+    QUICK = args.quick
+    return args
+
+
+def pick(full: Any, quick: Any) -> Any:
+    """``full`` in a real run, ``quick`` under ``--quick``."""
+    return quick if QUICK else full
 
 
 def interleaved(
@@ -53,8 +77,15 @@ def environment() -> dict[str, Any]:
     }
 
 
+def results_dir() -> Path:
+    """Where JSON and plots go: ``results/``, or ``results/quick/`` under ``--quick``."""
+    path = RESULTS / "quick" if QUICK else RESULTS
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
 def write(name: str, data: dict[str, Any]) -> Path:
-    RESULTS.mkdir(exist_ok=True)
-    path = RESULTS / f"{name}.json"
-    path.write_text(json.dumps({"environment": environment(), **data}, indent=2))
+    path = results_dir() / f"{name}.json"
+    record = {"environment": environment(), "quick": QUICK, **data}
+    path.write_text(json.dumps(record, indent=2))
     return path

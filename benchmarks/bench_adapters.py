@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from _common import RESULTS, write
+from _common import parse, pick, results_dir, write
 
 import rewriter
 from rewriter import zoo
@@ -41,7 +41,8 @@ METHODS = {
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=100)
-    args = parser.parse_args()
+    args = parse(parser)
+    args.steps = pick(args.steps, 4)
     warnings.filterwarnings("ignore")
     model, tokenizer = zoo.tiny_gpt2()
     ids = tokenizer(zoo.eval_text()[:4000], return_tensors="pt").input_ids[:, :64].view(2, 32)
@@ -56,7 +57,7 @@ def main() -> None:
     )
     batches = ctx.batches()
     eval_ids = rewriter.PassContext(
-        evaluation=zoo.eval_text(), tokenizer=tokenizer
+        evaluation=zoo.eval_text(), tokenizer=tokenizer, eval_tokens=pick(None, 2048)
     ).evaluation_ids()
     base = perplexity_of_ids(gm, eval_ids)
     rows = {}
@@ -97,7 +98,7 @@ def main() -> None:
             f"{rows[label]['ppl']:.2f} (base {base:.2f})",
             flush=True,
         )
-    plotted = plot(rows, RESULTS / "bench_adapters.png")
+    plotted = plot(rows, results_dir() / "bench_adapters.png")
     path = write(
         "bench_adapters", {"base_ppl": base, "steps": args.steps, "methods": rows, "plot": plotted}
     )
@@ -112,7 +113,6 @@ def plot(rows: dict, path: Path) -> bool:
         import matplotlib.pyplot as plt
     except ImportError:
         return False
-    RESULTS.mkdir(exist_ok=True)
     figure, axis = plt.subplots(figsize=(6, 4))
     for label, row in rows.items():
         curve = torch.tensor(row["curve"])

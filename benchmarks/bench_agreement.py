@@ -18,7 +18,7 @@ import warnings
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from _common import write
+from _common import parse, pick, write
 
 import rewriter
 from rewriter import deploy, zoo
@@ -41,7 +41,10 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=6)
     parser.add_argument("--tokens", type=int, default=24)
     parser.add_argument("--rewrites", default=";".join(REWRITES), help="';'-separated specs")
-    args = parser.parse_args()
+    args = parse(parser)
+    args.prompts, args.tokens = pick(args.prompts, 2), pick(args.tokens, 4)
+    quick = ["l1quant(norm=keep,bits=4)", "linearize(fit_steps=2)"]
+    rewrites = pick(args.rewrites.split(";"), quick)
     warnings.filterwarnings("ignore")
     model, tokenizer = zoo.tiny_gpt2()
     ids = torch.tensor(tokenizer.encode(zoo.calibration_text()[:2000])[:16]).view(2, 8)
@@ -53,7 +56,7 @@ def main() -> None:
     )
     base = deploy.split(step)
     results = {}
-    for spec in args.rewrites.split(";"):
+    for spec in rewrites:
         start = time.perf_counter()
         out = rewriter.Pipeline.parse(f"canonicalize,{spec}").run(step, ctx).graph_module
         seconds = time.perf_counter() - start

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from _common import RESULTS, write
+from _common import parse, pick, results_dir, write
 
 import rewriter
 from rewriter import deploy
@@ -36,6 +36,7 @@ MODEL = ModelSpec(
     "llama", layers=4, heads=8, head_dim=32, vocab=8192, max_positions=4200, ffn_mult=4
 )
 DECODE_STEPS = 16
+QUICK_MODEL = ModelSpec("llama", layers=1, heads=2, head_dim=16, vocab=256, max_positions=512)
 
 
 def _variants(threads: int, tmp: Path) -> dict[str, object]:
@@ -150,15 +151,17 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--contexts", default="128,512,1024,2048,4096")
-    args = parser.parse_args()
+    args = parse(parser)
+    global MODEL
+    MODEL = pick(MODEL, QUICK_MODEL)
+    args.repeats, args.contexts = pick(args.repeats, 1), pick(args.contexts, "128")
     warnings.filterwarnings("ignore")
     os.environ.setdefault("REWRITER_NO_PROGRESS", "1")
     contexts = [int(c) for c in args.contexts.split(",")]
     with tempfile.TemporaryDirectory() as tmp:
         runners = _variants(args.threads, Path(tmp))
         results = measure(runners, contexts, args.repeats)
-    RESULTS.mkdir(exist_ok=True)
-    plotted = plot(results, RESULTS / "bench_generate.png")
+    plotted = plot(results, results_dir() / "bench_generate.png")
     data = {
         "model": repr(MODEL),
         "decode_steps": DECODE_STEPS,

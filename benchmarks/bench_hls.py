@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from _common import RESULTS, write
+from _common import parse, pick, results_dir, write
 from rewriter.backends import hls
 
 import rewriter
@@ -131,14 +131,15 @@ def plot(errors: dict[str, dict[int, float]], path: Path) -> bool:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--widths", default="12,14,16,18,20,22,24")
-    args = parser.parse_args()
+    args = parse(parser)
     warnings.filterwarnings("ignore")
-    widths = [int(w) for w in args.widths.split(",")]
+    widths = [int(w) for w in pick(args.widths, "18").split(",")]
     errors: dict[str, dict[int, float]] = {}
     resources: dict[str, dict] = {}
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        for name, (gm, example, subgraph) in _blocks().items():
+        blocks = list(_blocks().items())
+        for name, (gm, example, subgraph) in pick(blocks, blocks[:1] + blocks[-1:]):
             errors[name] = {}
             for width in widths:
                 kind = f"ap_fixed<{width},8>"
@@ -156,8 +157,7 @@ def main() -> None:
     print(f"hls4ml side by side: {side}")
     for name, summary in resources.items():
         print(f"modelled at W=18, reuse 1: {name}: {summary}")
-    RESULTS.mkdir(exist_ok=True)
-    plotted = plot(errors, RESULTS / "bench_hls.png")
+    plotted = plot(errors, results_dir() / "bench_hls.png")
     data = {
         "errors_by_width": errors,
         "modelled_resources_at_18_bits": resources,

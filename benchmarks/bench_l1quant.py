@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(__file__))
-from _common import RESULTS, interleaved, write
+from _common import interleaved, parse, pick, results_dir, write
 from rewriter.passes.l1quant import round_to_nearest_baseline
 
 import rewriter
@@ -40,6 +40,7 @@ from rewriter.metrics import perplexity_of_ids
 
 onnx = rewriter.backends.onnx
 GPT2_SMALL = ModelSpec("gpt2", layers=12, heads=12, head_dim=64, vocab=50257, max_positions=1024)
+QUICK_MODEL = ModelSpec("gpt2", layers=2, heads=2, head_dim=32, vocab=512, max_positions=512)
 
 
 def _gpt2_small() -> torch.fx.GraphModule:
@@ -54,8 +55,8 @@ def _quiet() -> rewriter.PassContext:
 
 def storage(gm: torch.fx.GraphModule) -> dict[str, object]:
     rows = {}
-    for group in (32, 64, 128):
-        for bits in range(2, 9):
+    for group in pick((32, 64, 128), (64,)):
+        for bits in pick(range(2, 9), (4,)):
             spec = f"l1quant(norm=keep,bits={bits},group={group})"
             metrics = rewriter.Pipeline.parse(spec).run(gm, _quiet()).report.records[0].metrics
             rows[f"b{bits}_g{group}"] = metrics["weight_bytes_ratio"]
@@ -149,11 +150,11 @@ def perplexity_curve() -> dict[str, object]:
         calibration=zoo.calibration_text(), tokenizer=tokenizer, progress=False, measure_error=False
     )
     eval_ids = rewriter.PassContext(
-        evaluation=zoo.eval_text(), tokenizer=tokenizer
+        evaluation=zoo.eval_text(), tokenizer=tokenizer, eval_tokens=pick(None, 2048)
     ).evaluation_ids()
     base = perplexity_of_ids(gm, eval_ids)
     rows = []
-    for bits in range(2, 9):
+    for bits in pick(range(2, 9), (4,)):
         ours = rewriter.Pipeline.parse(f"l1quant(norm=keep,bits={bits})").run(gm, ctx).graph_module
         rtn = round_to_nearest_baseline(gm, bits, 64)
         row = {
@@ -177,7 +178,8 @@ def perplexity_curve() -> dict[str, object]:
         graph = rewriter.Pipeline.parse(spec).run(gm, ctx).graph_module
         norms[spec] = perplexity_of_ids(graph, eval_ids)
         print(f"{spec}: {norms[spec]:.2f}", flush=True)
-    ratio4 = math.log(rows[2]["shiftquant"] / base) / math.log(rows[2]["float_rtn"] / base)
+    four = next(r for r in rows if r["bits"] == 4)
+    ratio4 = math.log(four["shiftquant"] / base) / math.log(four["float_rtn"] / base)
     return {"baseline_ppl": base, "rows": rows, "norms": norms, "increase_ratio_4bit": ratio4}
 
 
@@ -210,7 +212,10 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--skip-latency", action="store_true")
-    args = parser.parse_args()
+    args = parse(parser)
+    global GPT2_SMALL
+    GPT2_SMALL = pick(GPT2_SMALL, QUICK_MODEL)
+    args.repeats = pick(args.repeats, 1)
     warnings.filterwarnings("ignore")
     os.environ.setdefault("REWRITER_NO_PROGRESS", "1")
     data: dict[str, object] = {}
@@ -220,8 +225,7 @@ def main() -> None:
     data["norm_ops"] = norm_ops(args.repeats, args.threads)
     if not args.skip_latency:
         data["ort_latency"] = latency(gm, args.repeats, args.threads)
-    RESULTS.mkdir(exist_ok=True)
-    data["plot"] = plot(data["perplexity"], RESULTS / "bench_l1quant.png")
+    data["plot"] = plot(data["perplexity"], results_dir() / "bench_l1quant.png")
     path = write("bench_l1quant", data)
     print(f"wrote {path}" + (" and bench_l1quant.png" if data["plot"] else " (no plot)"))
 

@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from _common import RESULTS, interleaved, write
+from _common import interleaved, parse, pick, results_dir, write
 
 import rewriter
 from rewriter.ops import attention as A
@@ -229,7 +229,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--max-length", type=int, default=16384)
     parser.add_argument("--skip-ort", action="store_true")
-    args = parser.parse_args()
+    args = parse(parser)
+    args.repeats, args.max_length = pick(args.repeats, 1), pick(args.max_length, 256)
     warnings.filterwarnings("ignore")
     lengths = [t for t in (256, 1024, 4096, 8192, 16384) if t <= args.max_length]
     data: dict[str, object] = {"torch": torch_times(lengths, args.repeats)}
@@ -240,8 +241,7 @@ def main() -> None:
     data["memory"] = peak_memory(lengths)
     if 8192 in data["torch"]:
         data["speedup_T8192_elu"] = data["torch"][8192]["sdpa"] / data["torch"][8192]["linear_elu"]
-    RESULTS.mkdir(exist_ok=True)
-    data["plot"] = plot(data, RESULTS / "bench_linearize.png")
+    data["plot"] = plot(data, results_dir() / "bench_linearize.png")
     path = write("bench_linearize", json.loads(json.dumps(data)))
     print(f"wrote {path}")
 

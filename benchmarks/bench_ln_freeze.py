@@ -2,9 +2,13 @@
 recovery fine-tuning; ONNX Runtime latency of an LN-free GPT-2 small vs the original.
 
 Norms are frozen least harmful first (each norm's harm measured alone, as budget mode does).
-Writes benchmarks/results/bench_ln_freeze.json and, with matplotlib, bench_ln_freeze.png.
+With one norm and with every norm frozen, recovery also runs with the language-modelling loss
+(``recover_loss=lm``) against the default distillation; and ``budget='ppl+5%'`` runs as a user
+would (no training). Writes benchmarks/results/bench_ln_freeze.json and, with matplotlib,
+bench_ln_freeze.png.
 
     python benchmarks/bench_ln_freeze.py [--recover-steps 60] [--recover-lr 3e-4] [--repeats 7]
+        [--skip-latency] [--quick]
 """
 
 from __future__ import annotations
@@ -20,12 +24,15 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from _common import RESULTS, interleaved, write
+from _common import interleaved, parse, pick, results_dir, write
 
 import rewriter
 from rewriter import zoo
 from rewriter.families import ModelSpec
 from rewriter.metrics import perplexity_of_ids
+
+GPT2_SMALL = ModelSpec("gpt2", layers=12, heads=12, head_dim=64, vocab=50257, max_positions=1024)
+QUICK_MODEL = ModelSpec("gpt2", layers=2, heads=2, head_dim=32, vocab=512, max_positions=512)
 
 
 def perplexity_curve(recover_steps: int, recover_lr: float) -> dict[str, object]:
@@ -47,7 +54,7 @@ def perplexity_curve(recover_steps: int, recover_lr: float) -> dict[str, object]
         seed=0,
     )
     eval_ids = rewriter.PassContext(
-        evaluation=zoo.eval_text(), tokenizer=tokenizer
+        evaluation=zoo.eval_text(), tokenizer=tokenizer, eval_tokens=pick(None, 2048)
     ).evaluation_ids()
     baseline = perplexity_of_ids(gm, eval_ids)
     # Harm of each norm alone, then the order budget mode uses.
@@ -60,7 +67,7 @@ def perplexity_curve(recover_steps: int, recover_lr: float) -> dict[str, object]
         harms[name] = perplexity_of_ids(one, eval_ids) - baseline
     order = sorted(names, key=harms.get)
     rows = [{"frozen": 0, "norms": [], "ppl": baseline, "ppl_recovered": baseline}]
-    for count in range(1, len(order) + 1):
+    for count in pick(range(1, len(order) + 1), (1, len(order))):
         chosen = order[:count]
         regex = "|".join(_escape(n) for n in chosen)
         frozen = rewriter.Pipeline.parse(f"ln-freeze(norms='{regex}')").run(gm, ctx).graph_module
@@ -79,13 +86,22 @@ def perplexity_curve(recover_steps: int, recover_lr: float) -> dict[str, object]
                 "ppl_recovered": perplexity_of_ids(recovered, eval_ids),
             }
         )
-        print(
+        line = (
             f"{count} frozen: ppl {rows[-1]['ppl']:.2f}, after {recover_steps} recovery steps "
-            f"{rows[-1]['ppl_recovered']:.2f} (original {baseline:.2f})",
-            flush=True,
+            f"{rows[-1]['ppl_recovered']:.2f}"
         )
+        if count in (1, len(order)):  # the same recovery with the language-modelling loss
+            lm = rewriter.Pipeline.parse(
+                f"ln-freeze(norms='{regex}',recover_steps={recover_steps},"
+                f"recover_lr={recover_lr},recover_loss=lm)"
+            ).run(gm, ctx)
+            rows[-1]["ppl_recovered_lm"] = perplexity_of_ids(lm.graph_module, eval_ids)
+            line += f" (cross-entropy instead: {rows[-1]['ppl_recovered_lm']:.2f})"
+        print(f"{line} (original {baseline:.2f})", flush=True)
+    budget = _budget_mode(gm, tokenizer)
     return {
         "baseline_ppl": baseline,
+        "budget_ppl_5pct": budget,
         "harms": harms,
         "order": order,
         "rows": rows,
@@ -93,6 +109,33 @@ def perplexity_curve(recover_steps: int, recover_lr: float) -> dict[str, object]
         "recover_lr": recover_lr,
         "all_frozen_ce_increase": math.log(rows[-1]["ppl"] / baseline),
         "all_frozen_recovered_ce_increase": math.log(rows[-1]["ppl_recovered"] / baseline),
+    }
+
+
+def _budget_mode(gm: torch.fx.GraphModule, tokenizer: object) -> dict[str, object]:
+    """``ln-freeze(budget='ppl+5%')`` as a user runs it: no training, scored on held-out text."""
+    ctx = rewriter.PassContext(
+        calibration=zoo.calibration_text(),
+        evaluation=zoo.eval_text(),
+        eval_tokens=pick(None, 2048),
+        tokenizer=tokenizer,
+        progress=False,
+        measure_error=False,
+        seq_len=128,
+        seed=0,
+    )
+    result = rewriter.Pipeline.parse("ln-freeze(budget='ppl+5%')").run(gm, ctx)
+    metrics = result.report.records[0].metrics
+    print(
+        f"budget ppl+5%: froze {len(metrics['frozen'])} of {len(_norm_modules(gm))} norms, "
+        f"perplexity "
+        f"{metrics['ppl_before']:.2f} -> {metrics['ppl_frozen']:.2f}",
+        flush=True,
+    )
+    return {
+        "frozen": metrics["frozen"],
+        "ppl_before": metrics["ppl_before"],
+        "ppl_frozen": metrics["ppl_frozen"],
     }
 
 
@@ -108,7 +151,7 @@ def _escape(name: str) -> str:
 
 
 def latency(repeats: int, threads: int) -> dict[str, object]:
-    spec = ModelSpec("gpt2", layers=12, heads=12, head_dim=64, vocab=50257, max_positions=1024)
+    spec = GPT2_SMALL
     model = spec.build()
     gm = rewriter.trace(model, spec.example_inputs(batch=2, seq=16), dynamic_shapes="auto")
     calibration = torch.randint(0, spec.vocab, (8, 128), generator=torch.Generator().manual_seed(1))
@@ -177,13 +220,16 @@ def main() -> None:
     parser.add_argument("--recover-lr", type=float, default=3e-4)
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
-    args = parser.parse_args()
+    parser.add_argument("--skip-latency", action="store_true", help="perplexity only")
+    args = parse(parser)
+    global GPT2_SMALL
+    GPT2_SMALL = pick(GPT2_SMALL, QUICK_MODEL)
+    args.repeats, args.recover_steps = pick(args.repeats, 1), pick(args.recover_steps, 2)
     warnings.filterwarnings("ignore")
     os.environ.setdefault("REWRITER_NO_PROGRESS", "1")
     curve = perplexity_curve(args.recover_steps, args.recover_lr)
-    timing = latency(args.repeats, args.threads)
-    RESULTS.mkdir(exist_ok=True)
-    plotted = plot(curve, RESULTS / "bench_ln_freeze.png")
+    timing = None if args.skip_latency else latency(args.repeats, args.threads)
+    plotted = plot(curve, results_dir() / "bench_ln_freeze.png")
     path = write("bench_ln_freeze", {"perplexity": curve, "ort_latency": timing, "plot": plotted})
     print(
         f"wrote {path}" + (" and bench_ln_freeze.png" if plotted else " (no matplotlib: no plot)")

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(__file__))
-from _common import interleaved, write
+from _common import interleaved, parse, pick, write
 
 import rewriter
 from rewriter.families import ModelSpec
@@ -104,7 +104,10 @@ PIPELINES = {
 
 
 def end_to_end(repeats: int, threads: int, work: Path, lengths: list[int]) -> dict[str, object]:
-    spec = ModelSpec("gpt2", layers=12, heads=12, head_dim=64, vocab=50257, max_positions=1024)
+    spec = pick(
+        ModelSpec("gpt2", layers=12, heads=12, head_dim=64, vocab=50257, max_positions=1024),
+        ModelSpec("gpt2", layers=2, heads=2, head_dim=32, vocab=512, max_positions=512),
+    )
     model = spec.build()
     gm = rewriter.trace(model, spec.example_inputs(batch=2, seq=16), dynamic_shapes="auto")
     ctx = rewriter.PassContext(measure_error=False, progress=False)
@@ -162,11 +165,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
-    parser.add_argument("--quick", action="store_true", help="T=256 only, 3 repeats")
-    args = parser.parse_args()
+    args = parse(parser)  # --quick: a 2-layer model, T=256 only, 1 repeat
     warnings.filterwarnings("ignore")
     os.environ.setdefault("REWRITER_NO_PROGRESS", "1")
-    repeats = 3 if args.quick else args.repeats
+    repeats = 1 if args.quick else args.repeats
     lengths = [256] if args.quick else [256, 1024]
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)

@@ -17,7 +17,7 @@ import warnings
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from _common import interleaved, write
+from _common import interleaved, parse, pick, write
 
 import rewriter
 from rewriter.families import ModelSpec
@@ -27,7 +27,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--pipeline", default="canonicalize")
-    args = parser.parse_args()
+    args = parse(parser)  # --quick: 2 and 4 narrow layers, 1 repeat
+    args.repeats = pick(args.repeats, 1)
     warnings.filterwarnings("ignore")
     os.environ.setdefault("REWRITER_NO_PROGRESS", "1")
     torch.set_num_threads(max(1, torch.get_num_threads()))
@@ -35,7 +36,12 @@ def main() -> None:
     models, graphs = {}, {}
     for layers in (12, 24):
         spec = ModelSpec(
-            "gpt2", layers=layers, heads=12, head_dim=64, vocab=50257, max_positions=1024
+            "gpt2",
+            layers=pick(layers, layers // 6),
+            heads=pick(12, 2),
+            head_dim=pick(64, 16),
+            vocab=pick(50257, 256),
+            max_positions=pick(1024, 256),
         )
         models[layers] = (spec.build(), spec.example_inputs(batch=2, seq=128))
         graphs[layers] = rewriter.trace(*models[layers], dynamic_shapes="auto")

@@ -34,7 +34,7 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import write
+from _common import parse, write
 
 MB = 1e6
 CASES: dict[str, dict[str, Any]] = {
@@ -218,7 +218,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--only", choices=sorted(CASES), help="run one case")
     parser.add_argument("--keep", type=Path, help="directory for the checkpoints (kept)")
-    args = parser.parse_args()
+    args = parse(parser)  # --quick: the --small shapes
+    args.small = args.small or args.quick
     root = args.keep or Path(tempfile.mkdtemp(prefix="bench-stream-"))
     results: dict[str, Any] = {}
     try:

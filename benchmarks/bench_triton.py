@@ -23,13 +23,13 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-if "--interpret" in sys.argv:  # before anything imports triton
+if "--interpret" in sys.argv or "--quick" in sys.argv:  # before anything imports triton
     os.environ["TRITON_INTERPRET"] = "1"
 
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from _common import write
+from _common import parse, write
 
 PEAK_GBPS = {"H200": 4800, "H100": 3350, "A100": 2039, "L40S": 864, "A10": 600, "RTX 4090": 1008}
 """Peak memory bandwidth by device name, GB/s (vendor figures), when the driver does not say."""
@@ -317,7 +317,8 @@ def main() -> None:
     parser.add_argument(
         "--no-compile", action="store_true", help="skip torch.compile of the references"
     )
-    args = parser.parse_args()
+    args = parse(parser)  # --quick: the --interpret run with one repeat
+    args.interpret = args.interpret or args.quick
     from rewriter.backends import triton as backend
 
     runs, where = backend.available()
@@ -325,7 +326,7 @@ def main() -> None:
         print(f"bench_triton: {where}; nothing to measure (use --interpret to check the script)")
         return
     if args.interpret:
-        device, dtype, repeats = "cpu", torch.float32, 5
+        device, dtype, repeats = "cpu", torch.float32, 1 if args.quick else 5
         norm_sizes = [(4, 37), (3, 300)]
         quant_sizes = [(1, 64, 40, 4, 32), (17, 96, 33, 4, 32)]
         lengths, heads, dim = [40, 100], 2, 16

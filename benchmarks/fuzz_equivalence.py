@@ -24,7 +24,7 @@ import warnings
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from _common import write
+from _common import parse, pick, write
 from rewriter.passes import available, get_pass
 
 import rewriter
@@ -88,7 +88,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--families", default=",".join(FAMILIES))
     parser.add_argument("--inputs", type=int, default=3, help="random inputs per config")
     parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
+    args = parse(parser, argv)  # --quick: one config and input for gpt2 and llama
+    args.n, args.inputs = pick(args.n, 1), pick(args.inputs, 1)
+    args.families = pick(args.families, "gpt2,llama")
     warnings.filterwarnings("ignore")
     os.environ.setdefault("REWRITER_NO_PROGRESS", "1")
     rng = random.Random(args.seed)

@@ -32,7 +32,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(__file__))
-from _common import write
+from _common import parse, pick, write
 from _mutants import MUTANTS, Mutant
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -42,6 +42,10 @@ INSTALLED = {
     "backends": "rewriter/backends",
     "kernels": "rewriter/kernels",
 }
+
+
+QUICK_MUTANT = "quant-code-offset-off-by-one"
+"""``--quick`` runs this one mutant (tests/test_quant_ops.py kills it in about 6 s)."""
 
 
 def installed_path(path: str) -> str:
@@ -149,7 +153,9 @@ def main() -> None:
     parser.add_argument(
         "--seed", type=int, default=0, help="the tests' draw seed (REWRITER_TEST_SEED), default 0"
     )
-    args = parser.parse_args()
+    args = parse(parser)  # --quick: one fast mutant, no baseline
+    args.only = pick(args.only, QUICK_MUTANT)
+    args.no_baseline = pick(args.no_baseline, True)
 
     mutants = list(MUTANTS)
     if args.only:
