@@ -428,8 +428,16 @@ def _find_heads(gm: torch.fx.GraphModule, use: VocabUse) -> None:
     flat_outputs = _flat_output_nodes(gm.graph.output_node())
     reaches: dict[torch.fx.Node, bool] = {}
     for node in reversed(gm.graph.nodes):  # users come after their inputs
+        # Not through another linear map: it mixes the last dimension, so what flows on is not
+        # these logits (a width equal to the vocabulary size would otherwise make every block's
+        # output projection look like a head).
         reaches[node] = any(
-            user.op == "output" or (_last_dim_is(user, use.size) and reaches.get(user, False))
+            user.op == "output"
+            or (
+                _last_dim_is(user, use.size)
+                and reaches.get(user, False)
+                and as_linear(user) is None
+            )
             for user in node.users
         )
     for node in gm.graph.nodes:

@@ -65,6 +65,23 @@ def test_trimmed_logits_equal_original_logits_at_kept_ids(
     assert len(tables) == (1 if tied else 2)  # a tied embedding and head are still one tensor
 
 
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_a_vocabulary_as_wide_as_the_model_is_not_taken_for_heads(family: str) -> None:
+    # Trimmed to exactly the hidden width, every block's output projection has as many outputs
+    # as the vocabulary; found by a random seed: the analysis took them for LM heads whose
+    # logits flow into the residual add, and refused the trimmed graph.
+    spec = ModelSpec(family, vocab=40, tied=False, layers=2)
+    model, gm = traced(spec)
+    kept = torch.arange(0, 40, 40 // spec.hidden)[: spec.hidden]
+    out = _trim(gm, kept.view(1, -1), "vocab-trim").graph_module
+    assert vocab.vocab_map(out).size == spec.hidden
+    heads = [t for t in vocab.analyze(out).tensors.values() if t.role == "head"]
+    assert len(heads) == 1
+    again = _trim(out, torch.arange(0, spec.hidden, 2).view(1, -1), "vocab-trim").graph_module
+    assert vocab.vocab_map(again).size < spec.hidden
+    verify.assert_equivalent(model, again, max_examples=3)
+
+
 def test_the_input_graph_is_unchanged_and_the_pass_reports_sizes() -> None:
     spec = ModelSpec("gpt2", vocab=64, tied=False)
     _, gm = traced(spec)
