@@ -33,6 +33,7 @@ import torch
 import torch.fx
 
 from rewriter.driver import Rewriter
+from rewriter.folding import untie_for
 from rewriter.graph import LinearMap, as_linear, linear_maps, module_path, weight_name_for
 from rewriter.store import Block, Edit
 
@@ -237,7 +238,7 @@ def own_weight(rw: Rewriter, lin: LinearMap) -> LinearMap:
     others = [u for u in lin.weight.users if u not in mine]
     if not others:
         return lin
-    rw.untie(lin.weight, mine, name_hint=weight_name_for(lin.node, "weight"))
+    untie_for(rw, lin.weight, mine)  # each copy named after its readers' module
     relinked = as_linear(lin.node)
     assert relinked is not None
     return relinked

@@ -22,7 +22,7 @@ import torch.fx
 from rewriter.driver import Rewriter
 from rewriter.errors import describe_node
 from rewriter.graph import LinearMap, as_linear, look_back, transparent_users, weight_name_for
-from rewriter.store import Edit
+from rewriter.store import Edit, ModuleStore
 from rewriter.stream import norm_width
 
 __all__ = [
@@ -181,7 +181,17 @@ def untie_for(rw: Rewriter, get_attr: torch.fx.Node, users: list[torch.fx.Node])
     leaf = str(get_attr.target).rsplit(".", 1)[-1]
     wanted = weight_name_for(users[0], leaf)
     if wanted == get_attr.target and others:
-        rw.untie(get_attr, others, name_hint=weight_name_for(others[0], leaf))
+        theirs = weight_name_for(others[0], leaf)
+        if theirs in aliases and isinstance(rw.store, ModuleStore):
+            # their own name is an alias of this tied tensor: they read it there, and this
+            # name gets a copy of its own (no '_1' names for either side)
+            node = rw.weight(theirs, rule="untie")
+            for user in others:
+                user.replace_input_with(get_attr, node)
+            rw.store.split_alias(str(get_attr.target))
+            rw.counters["untie"] += 1
+            return get_attr
+        rw.untie(get_attr, others, name_hint=theirs)
         return get_attr
     return rw.untie(get_attr, users, name_hint=wanted)
 

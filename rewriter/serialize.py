@@ -330,7 +330,13 @@ def save_pretrained(
         )
     if tokenizer is None and vmap is not None:
         tokenizer = vmap.tokenizer  # the rebuilt tokenizer goes with the trimmed model
-    model = _rebuild(info, config_overrides or {}, gm)
+    overrides = dict(config_overrides or {})
+    model = _rebuild(info, overrides, gm)
+    if "tie_word_embeddings" not in overrides and _untied_by_the_graph(model, gm):
+        # An adapter merged into a tied LM head (or any rewrite of one side) gave the head a
+        # tensor of its own: the directory says so, or loading it would tie them again.
+        overrides["tie_word_embeddings"] = False
+        model = _rebuild(info, overrides, gm)
     report = _same_ids_compare(gm, model, info.example_inputs)
     if not report.ok:
         raise RewriterError(
@@ -393,6 +399,15 @@ def _rebuild(
             f"the graph has no weights named {unexplained[:5]}: the architecture changed"
         )
     return model
+
+
+def _untied_by_the_graph(model: torch.nn.Module, gm: torch.fx.GraphModule) -> bool:
+    """Whether names that ``model`` ties to one tensor hold different values in the graph."""
+    for names, _ in _alias_groups(model):
+        found = [t for n in names if (t := _tensor(gm, n)) is not None]
+        if any(t.shape != found[0].shape or not torch.equal(t, found[0]) for t in found[1:]):
+            return True
+    return False
 
 
 def _alias_groups(model: torch.nn.Module) -> list[tuple[list[str], torch.Tensor]]:

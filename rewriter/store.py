@@ -329,6 +329,18 @@ class ModuleStore(WeightStore):
     def device(self, name: str) -> torch.device:
         return get_tensor(self.gm, name).device
 
+    def split_alias(self, name: str) -> None:
+        """Give ``name`` alone a copy of its tensor; the tensor's other names keep the original
+        (untying where the readers' own names are aliases of one tied tensor)."""
+        old = get_tensor(self.gm, name)
+        value = old.detach().clone()
+        if isinstance(old, torch.nn.Parameter):
+            value = torch.nn.Parameter(value, requires_grad=old.requires_grad)
+        self._bind(name, value)
+        self.log.append(
+            Edit(name, (), lambda block: value, tuple(value.shape), value.dtype, "untied alias")
+        )
+
     def own(self, name: str) -> torch.Tensor:
         """Bind a private clone to ``name`` (and its aliases), so in-place updates stay local."""
         clone = self.read(name).clone()

@@ -12,7 +12,7 @@ from rewriter import verify, zoo
 from rewriter.adapters import records
 from rewriter.errors import PassError
 from rewriter.families import ModelSpec
-from rewriter.graph import linear_maps
+from rewriter.graph import is_lm_head, linear_maps
 from rewriter.testing import fingerprint, graph_fingerprint
 
 FAMILIES = ["gpt2", "opt", "llama", "bert"]
@@ -202,9 +202,11 @@ def test_lora_sb_starts_from_the_best_rank_r_first_update(family: str) -> None:
 
 
 @pytest.mark.parametrize("init", ["pissa", "default"])
-def test_an_adapter_on_a_tied_head_unties_and_leaves_the_embedding(init: str) -> None:
+def test_an_adapter_on_a_tied_head_unties_and_leaves_the_embedding(init: str, tmp_path) -> None:
     # PiSSA writes a residual at injection, a plain LoRA writes the head at merge: either way
     # the tied embedding table must keep its bits
+    from transformers import GPT2LMHeadModel
+
     spec = ModelSpec("gpt2", layers=1, vocab=100, tied=True)
     model = spec.build()
     gm = rewriter.trace(model, spec.example_inputs(), dynamic_shapes="auto")
@@ -216,7 +218,21 @@ def test_an_adapter_on_a_tied_head_unties_and_leaves_the_embedding(init: str) ->
     merged = rewriter.Pipeline.parse("merge-adapters").run(out).graph_module
     verify.assert_equivalent(out, merged, max_examples=3)
     assert torch.equal(_embedding_table(merged), model.transformer.wte.weight)
+    # each copy is named after the module that reads it (not 'lm_head.weight_1'), and a saved
+    # directory says the head is untied: loading it must not tie the merged head back
+    head = next(lin for lin in linear_maps(merged) if is_lm_head(lin))
+    assert _embedding_name(merged) == "transformer.wte.weight"
+    assert head.weight_name == "lm_head.weight"
+    rewriter.save_pretrained(merged, tmp_path)  # compares the reloaded model's logits itself
+    reloaded = GPT2LMHeadModel.from_pretrained(tmp_path)
+    assert reloaded.config.tie_word_embeddings is False
+    assert torch.equal(reloaded.transformer.wte.weight, model.transformer.wte.weight)
     assert (fingerprint(model), graph_fingerprint(gm)) == before
+
+
+def _embedding_name(gm: torch.fx.GraphModule) -> str:
+    node = next(n for n in gm.graph.nodes if n.target == torch.ops.aten.embedding.default)
+    return str(node.args[0].target)
 
 
 def _embedding_table(gm: torch.fx.GraphModule) -> torch.Tensor:
