@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import random
 from collections.abc import Sequence
 from typing import Any
 
@@ -602,10 +603,17 @@ def _check_nested(
     own data: they are part of its example, follow its seed, and shrink with it.
     """
     specs = input_specs(graph)
-    parts = _input_parts(_dim_bounds(graph, specs, trace_info(graph), max_size))
+    bounds = _dim_bounds(graph, specs, trace_info(graph), max_size)
+    parts = _input_parts(bounds)
     data = current_build_context().data
+    # An explicit @example runs on data with no choices to draw: a fixed generator stands in.
+    fixed = random.Random(0) if getattr(data, "max_choices", None) == 0 else None
     for _ in range(count):
-        sizes, seed, padding = data.draw(parts)
+        if fixed is None:
+            sizes, seed, padding = data.draw(parts)
+        else:
+            sizes = {name: fixed.randint(lo, hi) for name, (lo, hi) in bounds.items()}
+            seed, padding = fixed.randrange(2**31), fixed.choice(["none", "left", "right"])
         drawn = _build(specs, sizes, seed, padding)
         report = compare(reference, candidate, drawn, rtol=rtol, atol=atol, inputs_of=side)
         if not report.ok:

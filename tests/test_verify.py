@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import Phase, example, given, settings
 from hypothesis import strategies as st
 
 import rewriter
@@ -122,6 +122,28 @@ def test_a_check_inside_a_given_test_draws_from_that_test_and_shrinks() -> None:
 
     with pytest.raises(AssertionError, match=r"inputs of shapes \(\d+, 13\).* \(sizes .*seed"):
         check()
+
+
+def test_a_check_inside_an_explicit_example_still_checks() -> None:
+    # an @example runs on data with no choices to draw from: the check must still run
+    spec = ModelSpec("gpt2", max_positions=32)
+    model, gm = traced(spec)
+    broken = copy_graph_module(gm)
+    broken.transformer.wpe.weight = torch.nn.Parameter(gm.transformer.wpe.weight.detach().clone())
+    noise = torch.randn(20, spec.hidden, generator=torch.Generator().manual_seed(0))
+    broken.transformer.wpe.weight.data[12:] += noise  # positions >= 12 wrong
+    calls = []
+
+    @settings(max_examples=1, database=None, phases=[Phase.explicit])
+    @example(candidate=broken)
+    @given(candidate=st.just(gm))
+    def check(candidate: torch.nn.Module) -> None:
+        calls.append(candidate)
+        verify.assert_equivalent(model, candidate, max_examples=20)
+
+    with pytest.raises(AssertionError, match="not equivalent on inputs of shapes"):
+        check()
+    assert calls == [broken]
 
 
 @pytest.mark.parametrize("family", FAMILIES)
