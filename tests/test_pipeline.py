@@ -213,3 +213,34 @@ def test_verify_each_print_after_and_disable(monkeypatch, capsys) -> None:
     monkeypatch.setenv("REWRITER_DISABLE", "scale-logits")
     result = Pipeline.parse("canonicalize,scale-logits").run(gm)
     assert result.report.records[1].skipped and "REWRITER_DISABLE" in result.report.table()
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        "canonicalize,prernorm,fold-ln",
+        "canonicalize,crmsnorm",
+        "lora(r=2)",
+        "lora(r=2),merge-adapters",
+        "nola(r=2,k=4,l=4),merge-adapters",
+        "canonicalize,l1quant(bits=4)",
+        "canonicalize,linearize(fit_steps=0)",
+        "vocab-trim",
+    ],
+)
+def test_new_tensors_keep_the_model_dtype_and_device(spec: str) -> None:
+    # A float64 model stays float64: a new tensor made in float32 (a factor, a folded weight,
+    # a scale) would silently round what the pass claims exact. Packed codes and exponents may
+    # be integers; nothing may land on another device.
+    model_spec = ModelSpec("gpt2", layers=1, vocab=40, tied=False, dtype=torch.float64)
+    _, gm = traced(model_spec)
+    ctx = PassContext(calibration=torch.randint(0, 40, (4, 8)), progress=False, batch_size=2)
+    out = Pipeline.parse(spec).run(gm, ctx).graph_module
+    tensors = {**dict(out.named_parameters()), **dict(out.named_buffers())}
+    assert tensors
+    for name, tensor in tensors.items():
+        assert tensor.device.type == "cpu", name
+        if tensor.is_floating_point():
+            assert tensor.dtype == torch.float64, f"{spec}: {name} is {tensor.dtype}"
+        else:
+            assert "l1quant" in spec or "vocab-trim" in spec, f"{spec}: {name} is {tensor.dtype}"
