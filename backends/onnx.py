@@ -18,8 +18,9 @@ Two exporter traps are handled, each with a regression test:
 * **fused RotaryEmbedding with dynamic batch**: at opset 23 the exporter's optimizer fuses
   rotary position embeddings into ``RotaryEmbedding`` nodes whose cos/sin caches keep batch 1,
   and ORT then fails on any other batch size ("cos_cache ... expected same shape as x"). When the
-  batch is dynamic and the optimized model has such a node, the model is exported again
-  without the exporter's optimizer (ORT's own graph optimizations still run at session start).
+  batch is dynamic and the optimized model has such a node, the unoptimized graph (the model is
+  exported once, then optimized) is kept instead (ORT's own graph optimizations still run at
+  session start).
 """
 
 from __future__ import annotations
@@ -648,16 +649,22 @@ def export(
         work = ops.decompose(copy_graph_module(gm), decomposed)
     table = translation_table(work, opset, accuracy_level=accuracy_level)
     names = (list(info.input_names) if info is not None else None, output_names(gm))
-    program = _export(work, args, kwargs, spec, opset, table, optimize, names)
+    # Exported once without the optimizer, which then runs on the program: when its result has
+    # the rotary trap, the unoptimized graph is kept (exporting again cost a second export).
+    program = _export(work, args, kwargs, spec, opset, table, False, names)
     notes: list[str] = []
-    optimized = optimize
-    if optimize and _rotary_trap(program.model_proto, spec):
-        notes.append(
-            "re-exported without the exporter's optimizer (fused RotaryEmbedding breaks "
-            "dynamic batch)"
-        )
-        program = _export(work, args, kwargs, spec, opset, table, False, names)
-        optimized = False
+    optimized = False
+    if optimize:
+        plain = program.model.clone()
+        program.optimize()
+        optimized = True
+        if _rotary_trap(program.model_proto, spec):
+            notes.append(
+                "kept the exporter's graph unoptimized (its optimizer fuses RotaryEmbedding, "
+                "which breaks dynamic batch)"
+            )
+            program.model = plain
+            optimized = False
     _check_opset(program.model_proto, opset)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
