@@ -20,6 +20,9 @@ def test_the_tolerance_rule() -> None:
     assert verify.tolerance(ref32.double()) == pytest.approx(1e-10 * 200)
     assert verify.tolerance(ref32.bfloat16()) == pytest.approx(1e-2 * 200 + 1e-3)
     assert verify.tolerance(torch.tensor([float("inf"), 2.0])) == pytest.approx(1e-5 * 2 + 1e-6)
+    # ids, masks and counts allow no error (a bool reference used to raise in abs)
+    assert verify.tolerance(torch.tensor([True, False])) == 0.0
+    assert verify.tolerance(torch.tensor([50000, 3])) == 0.0
 
 
 def test_compare_statistics_and_special_values() -> None:
