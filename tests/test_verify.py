@@ -91,15 +91,21 @@ def test_masks_keep_a_token_per_row() -> None:
     check()
 
 
-def test_assert_equivalent_finds_and_shrinks_a_counterexample() -> None:
-    """A weight bug that only shows on longer sequences: hypothesis must find it."""
+def _wrong_from_position_12() -> tuple[torch.nn.Module, torch.fx.GraphModule, torch.nn.Module]:
+    """A GPT-2, its graph, and a copy whose position table is wrong from position 12 on: the
+    example inputs (8 tokens) do not show it, longer drawn inputs do."""
     spec = ModelSpec("gpt2", max_positions=32)
     model, gm = traced(spec)
     broken = copy_graph_module(gm)
-    table = broken.transformer.wpe.weight
-    broken.transformer.wpe.weight = torch.nn.Parameter(table.detach().clone())
-    broken.transformer.wpe.weight.data[12:] += torch.randn(20, spec.hidden)  # positions >= 12 wrong
-    verify.compare(model, broken)  # the example inputs (8 tokens) do not show it
+    broken.transformer.wpe.weight = torch.nn.Parameter(gm.transformer.wpe.weight.detach().clone())
+    noise = torch.randn(20, spec.hidden, generator=torch.Generator().manual_seed(0))
+    broken.transformer.wpe.weight.data[12:] += noise
+    return model, gm, broken
+
+
+def test_assert_equivalent_finds_and_shrinks_a_counterexample() -> None:
+    """A weight bug that only shows on longer sequences: hypothesis must find it."""
+    model, _, broken = _wrong_from_position_12()
     assert verify.compare(model, broken).ok
     with pytest.raises(
         AssertionError, match=r"not equivalent on inputs of shapes \(\d+, 13\)"
@@ -111,12 +117,7 @@ def test_assert_equivalent_finds_and_shrinks_a_counterexample() -> None:
 def test_a_check_inside_a_given_test_draws_from_that_test_and_shrinks() -> None:
     """Inside a user's ``@given`` test, the input draws are part of that test's example: they
     follow the run's seed and shrink with it (a fixed inner generator would do neither)."""
-    spec = ModelSpec("gpt2", max_positions=32)
-    model, gm = traced(spec)
-    broken = copy_graph_module(gm)
-    broken.transformer.wpe.weight = torch.nn.Parameter(gm.transformer.wpe.weight.detach().clone())
-    noise = torch.randn(20, spec.hidden, generator=torch.Generator().manual_seed(0))
-    broken.transformer.wpe.weight.data[12:] += noise  # positions >= 12 wrong
+    model, _, broken = _wrong_from_position_12()
 
     @settings(max_examples=30, database=None)
     @given(label=st.sampled_from(["a", "b"]))
@@ -129,12 +130,7 @@ def test_a_check_inside_a_given_test_draws_from_that_test_and_shrinks() -> None:
 
 def test_a_check_inside_an_explicit_example_still_checks() -> None:
     # an @example runs on data with no choices to draw from: the check must still run
-    spec = ModelSpec("gpt2", max_positions=32)
-    model, gm = traced(spec)
-    broken = copy_graph_module(gm)
-    broken.transformer.wpe.weight = torch.nn.Parameter(gm.transformer.wpe.weight.detach().clone())
-    noise = torch.randn(20, spec.hidden, generator=torch.Generator().manual_seed(0))
-    broken.transformer.wpe.weight.data[12:] += noise  # positions >= 12 wrong
+    model, gm, broken = _wrong_from_position_12()
     calls = []
 
     @settings(max_examples=1, database=None, phases=[Phase.explicit])
