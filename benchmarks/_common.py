@@ -7,7 +7,7 @@ import json
 import platform
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +37,40 @@ def parse(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> arg
 def pick(full: Any, quick: Any) -> Any:
     """``full`` in a real run, ``quick`` under ``--quick``."""
     return quick if QUICK else full
+
+
+def select(items: Sequence[Any], only: str, key: Callable[[Any], str], script: str) -> list[Any]:
+    """The items a comma-separated ``--only`` names (all when empty); an unknown name exits."""
+    if not only:
+        return list(items)
+    wanted = set(only.split(","))
+    unknown = wanted - {key(item) for item in items}
+    if unknown:
+        raise SystemExit(f"{script}: no {sorted(unknown)} to run")
+    return [item for item in items if key(item) in wanted]
+
+
+def embedded_graph() -> tuple[Any, Any, Any]:
+    """The embedded model, its tokenizer and its canonicalized graph (dynamic batch and
+    sequence), traced on held-out text: the start of every embedded-model benchmark."""
+    import rewriter
+    from rewriter import zoo
+
+    model, tokenizer = zoo.tiny_gpt2()
+    ids = tokenizer(zoo.eval_text()[:4000], return_tensors="pt").input_ids[:, :64].view(2, 32)
+    gm = rewriter.trace(model, (ids,), dynamic_shapes="auto")
+    return model, tokenizer, rewriter.Pipeline.parse("canonicalize").run(gm).graph_module
+
+
+def held_out_ids(tokenizer: Any) -> torch.Tensor:
+    """The embedded model's held-out text as token ids: all 40,875, or 2,048 under --quick."""
+    import rewriter
+    from rewriter import zoo
+
+    ctx = rewriter.PassContext(
+        evaluation=zoo.eval_text(), tokenizer=tokenizer, eval_tokens=pick(None, 2048)
+    )
+    return ctx.evaluation_ids()
 
 
 def interleaved(

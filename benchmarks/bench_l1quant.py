@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(__file__))
-from _common import interleaved, parse, pick, results_dir, write
+from _common import embedded_graph, held_out_ids, interleaved, parse, pick, results_dir, write
 from rewriter.passes.l1quant import round_to_nearest_baseline
 
 import rewriter
@@ -142,16 +142,11 @@ def norm_ops(repeats: int, threads: int) -> dict[str, object]:
 
 
 def perplexity_curve() -> dict[str, object]:
-    model, tokenizer = zoo.tiny_gpt2()
-    ids = tokenizer(zoo.eval_text()[:4000], return_tensors="pt").input_ids[:, :64].view(2, 32)
-    gm = rewriter.trace(model, (ids,), dynamic_shapes="auto")
-    gm = rewriter.Pipeline.parse("canonicalize").run(gm).graph_module
+    _, tokenizer, gm = embedded_graph()
     ctx = rewriter.PassContext(
         calibration=zoo.calibration_text(), tokenizer=tokenizer, progress=False, measure_error=False
     )
-    eval_ids = rewriter.PassContext(
-        evaluation=zoo.eval_text(), tokenizer=tokenizer, eval_tokens=pick(None, 2048)
-    ).evaluation_ids()
+    eval_ids = held_out_ids(tokenizer)
     base = perplexity_of_ids(gm, eval_ids)
     rows = []
     for bits in pick(range(2, 9), (4,)):

@@ -17,7 +17,7 @@ import time
 import warnings
 
 sys.path.insert(0, os.path.dirname(__file__))
-from _common import parse, pick, write
+from _common import embedded_graph, held_out_ids, parse, pick, write
 
 import rewriter
 from rewriter import zoo
@@ -45,10 +45,7 @@ def main() -> None:
     args.steps, args.long_steps = pick(args.steps, 2), pick(args.long_steps, 4)
     warnings.filterwarnings("ignore")
     os.environ.setdefault("REWRITER_NO_PROGRESS", "1")
-    model, tokenizer = zoo.tiny_gpt2()
-    ids = tokenizer(zoo.eval_text()[:4000], return_tensors="pt").input_ids[:, :64].view(2, 32)
-    gm = rewriter.trace(model, (ids,), dynamic_shapes="auto")
-    gm = rewriter.Pipeline.parse("canonicalize").run(gm).graph_module
+    _, tokenizer, gm = embedded_graph()
     ctx = rewriter.PassContext(
         calibration=zoo.calibration_text(),
         tokenizer=tokenizer,
@@ -56,9 +53,7 @@ def main() -> None:
         measure_error=False,
         seed=0,
     )
-    eval_ids = rewriter.PassContext(
-        evaluation=zoo.eval_text(), tokenizer=tokenizer, eval_tokens=pick(None, 2048)
-    ).evaluation_ids()
+    eval_ids = held_out_ids(tokenizer)
     softmax = perplexity_of_ids(gm, eval_ids)
     print(f"softmax (original): {softmax:.2f} on {eval_ids.numel():,} held-out tokens", flush=True)
     rows: dict[str, dict[str, object]] = {}

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from _common import interleaved, parse, pick, results_dir, write
+from _common import embedded_graph, held_out_ids, interleaved, parse, pick, results_dir, write
 
 import rewriter
 from rewriter import zoo
@@ -36,13 +36,7 @@ QUICK_MODEL = ModelSpec("gpt2", layers=2, heads=2, head_dim=32, vocab=512, max_p
 
 
 def perplexity_curve(recover_steps: int, recover_lr: float) -> dict[str, object]:
-    model, tokenizer = zoo.tiny_gpt2()
-    ids = tokenizer(zoo.eval_text()[:4000], return_tensors="pt").input_ids[:, :64].view(2, 32)
-    gm = (
-        rewriter.Pipeline.parse("canonicalize")
-        .run(rewriter.trace(model, (ids,), dynamic_shapes="auto"))
-        .graph_module
-    )
+    _, tokenizer, gm = embedded_graph()
     # Pipelines run without evaluation data (each would score the text several times); every
     # graph below is scored once on the whole held-out text.
     ctx = rewriter.PassContext(
@@ -53,9 +47,7 @@ def perplexity_curve(recover_steps: int, recover_lr: float) -> dict[str, object]
         seq_len=128,
         seed=0,
     )
-    eval_ids = rewriter.PassContext(
-        evaluation=zoo.eval_text(), tokenizer=tokenizer, eval_tokens=pick(None, 2048)
-    ).evaluation_ids()
+    eval_ids = held_out_ids(tokenizer)
     baseline = perplexity_of_ids(gm, eval_ids)
     # Harm of each norm alone, then the order budget mode uses.
     names = [m for m in _norm_modules(gm)]

@@ -32,7 +32,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(__file__))
-from _common import parse, pick, write
+from _common import parse, pick, select, write
 from _mutants import MUTANTS, Mutant
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -157,13 +157,7 @@ def main() -> None:
     args.only = pick(args.only, QUICK_MUTANT)
     args.no_baseline = pick(args.no_baseline, True)
 
-    mutants = list(MUTANTS)
-    if args.only:
-        wanted = set(args.only.split(","))
-        unknown = wanted - {m.id for m in mutants}
-        if unknown:
-            raise SystemExit(f"mutation.py: no mutant {sorted(unknown)}")
-        mutants = [m for m in mutants if m.id in wanted]
+    mutants = select(MUTANTS, args.only, lambda m: m.id, "mutation.py")
     check(mutants)
     if args.list:
         for m in mutants:

@@ -18,6 +18,9 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).parent
+if str(HERE) not in sys.path:
+    sys.path.insert(0, str(HERE))
+from _common import select  # noqa: E402 - the folder is on the path first
 
 
 def scripts() -> list[Path]:
@@ -51,13 +54,7 @@ def main() -> int:
     parser.add_argument("--only", default="", help="comma-separated script names (no .py)")
     parser.add_argument("--timeout", type=float, default=900.0, help="seconds per script")
     args = parser.parse_args()
-    chosen = scripts()
-    if args.only:
-        wanted = set(args.only.split(","))
-        unknown = wanted - {s.stem for s in chosen}
-        if unknown:
-            raise SystemExit(f"quick.py: no benchmark {sorted(unknown)}")
-        chosen = [s for s in chosen if s.stem in wanted]
+    chosen = select(scripts(), args.only, lambda s: s.stem, "quick.py")
     started = time.perf_counter()
     failed = []
     for script in chosen:
