@@ -20,19 +20,31 @@ import importlib.util
 import math
 import os
 import re
+import statistics
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
 import torch.fx
+from rewriter.backends.base import Backend, Exported, Measurement, artifact_bytes, example_inputs
 
 from rewriter import ops
 from rewriter.errors import LoweringError
 from rewriter.graph import copy_graph_module, input_dependent, node_values
 from rewriter.trace import trace_info
 
-__all__ = ["DIALECTS", "LIMITS", "MlirExport", "available", "check", "export", "run"]
+__all__ = [
+    "DIALECTS",
+    "LIMITS",
+    "MlirBackend",
+    "MlirExport",
+    "available",
+    "check",
+    "export",
+    "run",
+]
 
 aten = torch.ops.aten
 Dialect = Literal["linalg-on-tensors", "tosa", "stablehlo", "torch"]
@@ -270,9 +282,14 @@ def run(
     *,
     function: str = "main",
     verify: bool = False,
+    timings: list[float] | None = None,
+    repeats: int = 0,
 ) -> list[torch.Tensor]:
     """Compile linalg-on-tensors MLIR (text, a file, or an :class:`MlirExport`) to LLVM and run
-    ``function`` on ``inputs`` on this CPU; returns its results as tensors."""
+    ``function`` on ``inputs`` on this CPU; returns its results as tensors.
+
+    ``repeats`` more calls of the compiled function (after the first, which returns the
+    results) are timed into ``timings`` (seconds per call, compilation excluded)."""
     runs, why = available()
     if not runs:
         raise LoweringError(f"MLIR run: {why}")
@@ -324,6 +341,11 @@ def run(
             for array in arrays
         ]
         engine.invoke(function, *arguments)
+        for _ in range(repeats):
+            start = time.perf_counter()
+            engine.invoke(function, *arguments)
+            if timings is not None:
+                timings.append(time.perf_counter() - start)
     del callbacks
     if "values" not in result:
         raise LoweringError(f"MLIR run: '{function}' returned nothing")
@@ -372,3 +394,84 @@ def check(
 
     inputs, reference = graph_reference(gm, inputs)
     return compare_outputs(reference, run(exported, inputs), rtol, atol)
+
+
+# --- the shared backend interface (rewriter.backends.base) ---------------------------------------
+
+
+class MlirBackend(Backend):
+    """MLIR through the shared interface: ``model.mlir`` in the output folder, static shapes of
+    the inputs; checked and measured by compiling linalg-on-tensors to LLVM on this CPU."""
+
+    name = "mlir"
+    summary = "MLIR text (torch-mlir); linalg-on-tensors runs on this CPU"
+    label = "MLIR (linalg on CPU)"
+    options = ("dialect",)
+
+    def available(self) -> tuple[bool, str]:
+        return available()
+
+    def native(self) -> frozenset[str]:
+        return frozenset()  # every rewriter:: op is imported through its decomposition
+
+    def export(
+        self,
+        gm: torch.fx.GraphModule,
+        inputs: Sequence[torch.Tensor] | None,
+        out: str | os.PathLike[str],
+        *,
+        dialect: Dialect = "linalg-on-tensors",
+        **options: Any,
+    ) -> Exported:
+        args = example_inputs(gm, inputs)
+        result = export(gm, args, Path(out) / "model.mlir", dialect=dialect, **options)
+        info = {"dialect": dialect, "path": str(result.path), "decomposed": result.decomposed}
+        return Exported(self.name, result.path or Path(out), result, info, args)
+
+    def checkable(self, exported: Exported) -> tuple[bool, str]:
+        if exported.result.dialect != "linalg-on-tensors":
+            return False, f"only linalg-on-tensors runs on this CPU, not {exported.result.dialect}"
+        return available()
+
+    def _runnable(self, exported: Exported) -> MlirExport:
+        result = exported.result
+        if result.dialect != "linalg-on-tensors":
+            raise LoweringError(
+                f"the MLIR backend runs linalg-on-tensors on this CPU, not {result.dialect}: "
+                "export with dialect='linalg-on-tensors' to check or measure"
+            )
+        return result
+
+    def check(
+        self,
+        gm: torch.fx.GraphModule,
+        exported: Exported,
+        inputs: Sequence[torch.Tensor] | None = None,
+    ) -> Any:
+        return check(gm, self._runnable(exported), exported.inputs if inputs is None else inputs)
+
+    def measure(
+        self,
+        exported: Exported,
+        inputs: Sequence[torch.Tensor] | None = None,
+        *,
+        repeats: int = 10,
+    ) -> Measurement:
+        if repeats < 1:
+            raise ValueError(f"repeats must be >= 1, got {repeats}")
+        timings: list[float] = []
+        run(
+            self._runnable(exported),
+            exported.inputs if inputs is None else inputs,
+            timings=timings,
+            repeats=repeats + 1,  # the first of them warms up
+        )
+        timings = timings[1:]
+        return Measurement(
+            self.name,
+            statistics.median(timings),
+            min(timings),
+            max(timings),
+            repeats,
+            artifact_bytes(exported.path),
+        )

@@ -39,6 +39,14 @@ import numpy as np
 import onnx
 import torch
 import torch.fx
+from rewriter.backends.base import (
+    Backend,
+    Exported,
+    Measurement,
+    artifact_bytes,
+    example_inputs,
+    time_calls,
+)
 
 from rewriter import ops
 from rewriter.errors import LoweringError, RewriterError
@@ -48,6 +56,7 @@ from rewriter.verify import ErrorReport, compare_outputs, graph_reference
 
 __all__ = [
     "NATIVE",
+    "OnnxBackend",
     "OnnxExport",
     "OnnxExportError",
     "OrtCausalLM",
@@ -944,3 +953,65 @@ def export_causal_lm(
                 )
         sessions.append(session(exported.path, threads=threads))
     return OrtCausalLM(sessions[0], sessions[1], graphs.cache, graphs.vocab, io_binding)
+
+
+# --- the shared backend interface (rewriter.backends.base) ---------------------------------------
+
+
+class OnnxBackend(Backend):
+    """ONNX Runtime on CPU through the shared interface: ``model.onnx`` in the output folder."""
+
+    name = "onnx"
+    summary = "an ONNX file run by ONNX Runtime (CPU)"
+    label = "ONNX Runtime"
+    options = ("opset", "accuracy_level")
+    streams = True
+
+    def available(self) -> tuple[bool, str]:
+        import importlib.util
+
+        if importlib.util.find_spec("onnxruntime") is None:
+            return False, "onnxruntime is not installed"
+        return True, "ONNX Runtime, CPUExecutionProvider"
+
+    def native(self) -> frozenset[str]:
+        return frozenset(NATIVE)
+
+    def export(
+        self,
+        gm: torch.fx.GraphModule,
+        inputs: Sequence[torch.Tensor] | None,
+        out: str | os.PathLike[str],
+        *,
+        large: bool = False,
+        **options: Any,
+    ) -> Exported:
+        result = export(
+            gm, inputs, Path(out) / "model.onnx", external_data=True if large else None, **options
+        )
+        info = {"opset": result.opset, "lowering": result.lowering, "notes": result.notes}
+        return Exported(self.name, result.path, result, info, example_inputs(gm, inputs))
+
+    def check(
+        self,
+        gm: torch.fx.GraphModule,
+        exported: Exported,
+        inputs: Sequence[torch.Tensor] | None = None,
+    ) -> ErrorReport:
+        return check(gm, exported.path, inputs)
+
+    def measure(
+        self,
+        exported: Exported,
+        inputs: Sequence[torch.Tensor] | None = None,
+        *,
+        repeats: int = 10,
+        threads: int = 1,
+    ) -> Measurement:
+        sess = session(exported.path, threads=threads, spinning=False)
+        feeds = list(exported.inputs if inputs is None else inputs)
+        median, low, high = time_calls(lambda: run(sess, feeds), repeats)
+        size = artifact_bytes(exported.path) + sum(
+            artifact_bytes(p) for p in exported.path.parent.glob(exported.path.name + "*.data")
+        )
+        return Measurement(self.name, median, low, high, repeats, size, {"threads": threads})

@@ -49,6 +49,21 @@ def register_pass(cls: type) -> type:
     return _register(cls)
 
 
+def register_backend(cls: type) -> type:
+    """Register a third-party backend (a ``rewriter.backends.base.Backend`` subclass) so
+    ``rewriter.backends.get_backend`` and ``rewriter run --backend`` know its name."""
+    from rewriter.backends import register_backend as _register
+
+    return _register(cls)
+
+
+def available_backends() -> list[str]:
+    """Names of every registered backend (whether each runs here: ``.available()``)."""
+    from rewriter.backends import available
+
+    return available()
+
+
 def __getattr__(name: str) -> object:
     # Heavier parts load on first use: rewriter.backends, rewriter.zoo, rewriter.metrics, ...
     if name in ("backends", "zoo", "metrics", "passes", "deploy"):
@@ -87,6 +102,7 @@ __all__ = [
     "TraceInfo",
     "TrainReport",
     "adapters",
+    "available_backends",
     "available_passes",
     "checkpoint",
     "format_graph",
@@ -95,6 +111,7 @@ __all__ = [
     "open_checkpoint",
     "ops",
     "option",
+    "register_backend",
     "register_pass",
     "rewrite_checkpoint",
     "save",

@@ -2,11 +2,13 @@
 
 ``rewriter passes``
     Every registered pass with its one-line doc and options.
-``rewriter run --model MODEL --passes SPEC --out DIR [--backend onnx|mlir] [--dialect D]
+``rewriter run --model MODEL --passes SPEC --out DIR [--backend NAME] [--dialect D]
 [--calib TEXT|FILE] [--eval-text FILE] [--force] [--stream [--shard-size GB]]``
-    Trace MODEL, run the pipeline, write ``model.pt2`` (and ``model.onnx``, checked in ONNX
-    Runtime, with ``--backend onnx``; ``model.mlir`` in dialect D with ``--backend mlir``, run on
-    this CPU and checked when D is linalg-on-tensors) and ``report.json``, print the report
+    Trace MODEL, run the pipeline, write ``model.pt2`` and ``report.json`` (with ``--backend``,
+    any backend of the registry, ``rewriter.backends.available()``: its artifact too, checked
+    against the graph where it runs here: ``model.onnx`` in ONNX Runtime, ``model.mlir`` in
+    dialect D, run on this CPU when D is linalg-on-tensors, the ``hls/`` project in g++ C
+    simulation, the ``triton/`` lowering in this process), print the report
     table; after ``vocab-trim`` the rebuilt tokenizer goes to ``tokenizer/``. MODEL is
     ``tiny-gpt2`` (the embedded model), a local Hugging Face directory, a config ``.json`` (random
     weights), or ``package.module:factory``, which imports and runs that code (a factory returns
@@ -54,7 +56,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     run.add_argument("--passes", required=True, help='pipeline spec, e.g. "canonicalize"')
     run.add_argument("--out", required=True, type=Path, help="output directory")
     run.add_argument(
-        "--backend", choices=["onnx", "mlir"], help="also export (and check) with this backend"
+        "--backend",
+        choices=_backend_names(),
+        help="also export with this backend (rewriter.backends' registry), and check the result "
+        "against the graph where it runs here",
     )
     run.add_argument(
         "--dialect",
@@ -174,10 +179,12 @@ def _run_stream(args: argparse.Namespace) -> int:
             "--eval-text measures perplexity by running the model, which --stream never loads; "
             "evaluate the result with rewriter.load(model.pt2, weights_dir)"
         )
-    if args.backend == "mlir":
+    backend = _backend(args.backend)
+    if backend is not None and not backend.streams:
         raise RewriterError(
-            "--stream writes weights and a weightless graph; for MLIR, load them with "
-            "rewriter.load(model.pt2, weights_dir) and export (MLIR needs static shapes)"
+            f"--stream writes weights and a weightless graph; the {backend.name} backend cannot "
+            "keep weights outside its artifact: load them with rewriter.load(model.pt2, "
+            "weights_dir) and export from Python"
         )
     config_file = source / "config.json"
     if config_file.exists():
@@ -216,15 +223,11 @@ def _run_stream(args: argparse.Namespace) -> int:
         if trimmed.tokenizer is not None:
             _save_tokenizer(trimmed.tokenizer, out / "tokenizer")
             summary["vocab"]["tokenizer"] = str(out / "tokenizer")
-    if args.backend == "onnx":
-        onnx = rewriter.backends.onnx
-        with _step(console, "binding the weights, exporting to ONNX (external data), checking"):
+    if backend is not None:
+        with _step(console, f"binding the weights, exporting with {backend.name}, checking"):
             gm = rewriter.load(out / "model.pt2", out)
-            exported = onnx.export(gm, None, out / "model.onnx", external_data=True)
-            check = onnx.check(gm, exported.path)
-        summary["onnx"] = {"opset": exported.opset, "check": check.to_dict()}
-        print(f"ONNX Runtime vs the graph: {check}")
-        summary["ok"] = check.ok
+            summary[backend.name] = _export_and_check(backend, gm, None, out, {"large": True})
+        summary["ok"] = summary[backend.name].get("ok", True)
     summary["report"] = run.result.report.to_dict()
     (out / "report.json").write_text(json.dumps(summary, indent=2, default=str))
     print(f"artifacts in {out}/: " + ", ".join(sorted(p.name for p in out.iterdir())))
@@ -402,33 +405,51 @@ def _rewrite(
             _save_tokenizer(trimmed.tokenizer, out / "tokenizer")
             summary["vocab"]["tokenizer"] = str(out / "tokenizer")
             print(f"rebuilt tokenizer ({trimmed.describe()}) in {out / 'tokenizer'}")
-    if backend == "onnx":
-        onnx = rewriter.backends.onnx
-        with _step(console, "exporting to ONNX and checking in ONNX Runtime"):
-            exported = onnx.export(result.graph_module, None, out / "model.onnx")
-            check = onnx.check(result.graph_module, exported.path)
-        summary["onnx"] = {
-            "opset": exported.opset,
-            "notes": exported.notes,
-            "check": check.to_dict(),
-        }
-        print(f"ONNX Runtime vs the graph: {check}")
-        summary["ok"] = summary["ok"] and check.ok
-    if backend == "mlir":
-        mlir = rewriter.backends.mlir
-        with _step(console, f"exporting to MLIR ({dialect})"):
-            exported = mlir.export(result.graph_module, (ids,), out / "model.mlir", dialect=dialect)
-        summary["mlir"] = {"dialect": dialect, "path": str(exported.path)}
-        if dialect == "linalg-on-tensors":
-            with _step(console, "running the linalg-on-tensors module on this CPU"):
-                check = mlir.check(result.graph_module, exported, (ids,))
-            summary["mlir"]["check"] = check.to_dict()
-            print(f"MLIR (linalg on CPU) vs the graph: {check}")
-            summary["ok"] = summary["ok"] and check.ok
+    target = _backend(backend)
+    if target is not None:
+        options = {"dialect": dialect} if "dialect" in target.options else {}
+        with _step(console, f"exporting with {target.name} ({target.summary}) and checking"):
+            summary[target.name] = _export_and_check(
+                target, result.graph_module, (ids,), out, options
+            )
+        summary["ok"] = summary["ok"] and summary[target.name].get("ok", True)
     summary["report"] = result.report.to_dict()
     (out / "report.json").write_text(json.dumps(summary, indent=2, default=str))
     (out / "graph.txt").write_text(rewriter.format_graph(result.graph_module))
     return summary
+
+
+def _backend_names() -> list[str]:
+    from rewriter import backends
+
+    return backends.available()
+
+
+def _backend(name: str | None) -> Any:
+    if name is None:
+        return None
+    from rewriter import backends
+
+    return backends.get_backend(name)
+
+
+def _export_and_check(
+    backend: Any, gm: Any, inputs: Any, out: Path, options: dict[str, Any]
+) -> dict[str, Any]:
+    """Export ``gm`` with ``backend`` into ``out`` and check it where it runs here: the
+    backend's part of report.json (``check`` is None, with ``unchecked`` saying why, where the
+    artifact cannot run on this machine)."""
+    exported = backend.export(gm, inputs, out, **options)
+    entry: dict[str, Any] = {"path": str(exported.path), **exported.info}
+    checkable, why = backend.checkable(exported)
+    if not checkable:
+        entry.update(check=None, unchecked=why)
+        print(f"{backend.name}: wrote {exported.path}; not checked here ({why})")
+        return entry
+    check = backend.check(gm, exported, inputs)
+    entry.update(check=check.to_dict(), ok=check.ok)
+    print(f"{backend.label or backend.name} vs the graph: {check}")
+    return entry
 
 
 def _save_tokenizer(tokenizer: Any, directory: Path) -> None:

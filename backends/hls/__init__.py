@@ -27,16 +27,19 @@ from typing import Any, Literal
 
 import torch
 import torch.fx
+from rewriter.backends.base import Backend, Exported, Measurement, artifact_bytes, example_inputs
 from rewriter.backends.hls import ops as _ops  # noqa: F401 - registers the lowerings
-from rewriter.backends.hls.emit import Lowering, Program, Value
+from rewriter.backends.hls.emit import HANDLERS, Lowering, Program, Value
 from rewriter.backends.hls.precision import FixedType, Precision, from_ranges, parse_type
 from rewriter.backends.hls.resources import estimate
 
+from rewriter import ops
 from rewriter.errors import LoweringError
-from rewriter.graph import node_values
+from rewriter.graph import copy_graph_module, node_values
 
 __all__ = [
     "FixedType",
+    "HlsBackend",
     "HlsProject",
     "Precision",
     "ap_types_dir",
@@ -44,6 +47,8 @@ __all__ = [
     "csim",
     "export",
     "from_ranges",
+    "lowered",
+    "native",
     "parse_type",
     "port_values",
 ]
@@ -63,6 +68,25 @@ class HlsProject:
     precision: Precision
     resources: dict[str, Any]
     io: str
+
+
+def native() -> frozenset[str]:
+    """The ``rewriter::`` ops with an HLS template of their own (the others are decomposed)."""
+    return frozenset(
+        target._opname
+        for target in HANDLERS
+        if isinstance(target, torch._ops.OpOverload) and target.namespace == "rewriter"
+    )
+
+
+def lowered(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """``gm``, or a copy with every ``rewriter::`` op that has no HLS template replaced by its
+    ATen decomposition (the op contract); the same graph :func:`export` lowers node by node."""
+    plan = ops.check_lowerable(gm, "hls", native())
+    decomposed = sorted(name for name, how in plan.items() if how == "decomposed")
+    if not decomposed:
+        return gm
+    return ops.decompose(copy_graph_module(gm), decomposed)
 
 
 def ap_types_dir() -> Path:
@@ -97,7 +121,7 @@ def export(
     if io not in ("parallel", "stream"):
         raise ValueError(f"io must be 'parallel' or 'stream', got {io!r}")
     precision = precision or Precision()
-    program = Lowering(gm, tuple(example_inputs), precision, reuse_factor, subgraph).run()
+    program = Lowering(lowered(gm), tuple(example_inputs), precision, reuse_factor, subgraph).run()
     directory = Path(out_dir)
     firmware = directory / "firmware"
     firmware.mkdir(parents=True, exist_ok=True)
@@ -414,7 +438,8 @@ def port_values(
 ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """The values at an exported project's ports when ``gm`` runs on ``example_inputs``: what to
     feed :func:`csim` (for a block: the values flowing into it) and what it should return."""
-    values = {node.name: value for node, value in node_values(gm, tuple(example_inputs)).items()}
+    graph = lowered(gm)
+    values = {node.name: value for node, value in node_values(graph, tuple(example_inputs)).items()}
     inputs = [values[port["name"].removeprefix("in_")] for port in project.inputs]
     expected = [values[port["name"].removeprefix("out_v_")] for port in project.outputs]
     return inputs, expected
@@ -432,3 +457,80 @@ def calibrate(gm: torch.fx.GraphModule, batches: Sequence[Sequence[Any]]) -> dic
             if isinstance(value, torch.Tensor) and value.is_floating_point() and value.numel():
                 ranges[node.name] = max(ranges.get(node.name, 0.0), float(value.abs().max()))
     return ranges
+
+
+# --- the shared backend interface (rewriter.backends.base) ---------------------------------------
+
+CHECK_LSBS = 20
+""":meth:`HlsBackend.check`'s default bound, in units of the data type's last bit: 2e-2 at
+ap_fixed<18,8>, what a GPT-2 block's csim is held to in tests/test_hls.py."""
+
+
+class HlsBackend(Backend):
+    """The HLS project through the shared interface: the project folder ``out/hls``, static
+    shapes of the inputs; checked by the g++ C simulation; measured as its modelled resources
+    (a latency needs the vendor's synthesis, which does not run here)."""
+
+    name = "hls"
+    summary = "an FPGA HLS project (ap_fixed), C-simulated with g++"
+    label = "HLS C simulation"
+    options = ("precision", "reuse_factor", "io", "subgraph")
+
+    def available(self) -> tuple[bool, str]:
+        if shutil.which("g++") is None:
+            return False, "C simulation needs g++ on the PATH"
+        try:
+            ap_types_dir()
+        except LoweringError as error:
+            return False, str(error)
+        return True, "g++ C simulation with hls4ml's ap_types"
+
+    def native(self) -> frozenset[str]:
+        return native()
+
+    def export(
+        self,
+        gm: torch.fx.GraphModule,
+        inputs: Sequence[torch.Tensor] | None,
+        out: str | os.PathLike[str],
+        **options: Any,
+    ) -> Exported:
+        args = example_inputs(gm, inputs)
+        project = export(gm, args, Path(out) / "hls", **options)
+        info = {
+            "directory": str(project.directory),
+            "precision": project.precision.as_dict(),
+            "resources": project.resources.get("total"),
+        }
+        return Exported(self.name, project.directory, project, info, args)
+
+    def check(
+        self,
+        gm: torch.fx.GraphModule,
+        exported: Exported,
+        inputs: Sequence[torch.Tensor] | None = None,
+        *,
+        atol: float | None = None,
+    ) -> Any:
+        """The C simulation against ``gm`` at the project's ports; held to ``atol`` (default
+        :data:`CHECK_LSBS` last bits of the data type), not the float tolerance rule."""
+        from rewriter.verify import compare_outputs
+
+        project = exported.result
+        args = exported.inputs if inputs is None else tuple(inputs)
+        feeds, wants = port_values(gm, args, project)
+        gots = csim(project.directory, feeds)
+        if atol is None:
+            atol = CHECK_LSBS * 2.0**-project.precision.data.fraction
+        return compare_outputs([w.double() for w in wants], gots, 0.0, atol)
+
+    def measure(
+        self,
+        exported: Exported,
+        inputs: Sequence[torch.Tensor] | None = None,
+        *,
+        repeats: int = 10,
+    ) -> Measurement:
+        project = exported.result
+        total = dict(project.resources.get("total") or {})
+        return Measurement(self.name, None, None, None, 0, artifact_bytes(project.directory), total)
