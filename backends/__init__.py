@@ -28,9 +28,10 @@ if __name__ == "backends":  # the bare name from the repository root: see rewrit
     )
 
 import importlib
-import re
 from types import ModuleType
 from typing import Any
+
+from rewriter.registry import Registry
 
 _SUBMODULES = ("base", "hls", "mlir", "onnx", "triton")
 __all__ = ["BUILTIN", "available", "get_backend", "register_backend", *_SUBMODULES]
@@ -42,8 +43,14 @@ BUILTIN: dict[str, str] = {
     "triton": "rewriter.backends.triton:TritonBackend",
 }
 
-_USER: dict[str, type] = {}
-_NAME = re.compile(r"^[a-z][a-z0-9]*(?:-[a-z0-9]+)*$")
+
+def _base() -> type:
+    from rewriter.backends.base import Backend
+
+    return Backend
+
+
+_REGISTRY = Registry("backend", BUILTIN, _base, "onnx")
 
 
 def __getattr__(name: str) -> ModuleType:
@@ -55,38 +62,17 @@ def __getattr__(name: str) -> ModuleType:
 def available() -> list[str]:
     """Every registered backend name, built-in ones first (whether each runs here:
     ``get_backend(name).available()``)."""
-    return list(BUILTIN) + [n for n in _USER if n not in BUILTIN]
+    return _REGISTRY.names()
 
 
 def get_backend(name: str) -> Any:
     """An instance of the backend registered under ``name``."""
-    if name in _USER:
-        return _USER[name]()
-    if name not in BUILTIN:
-        raise KeyError(f"unknown backend '{name}' (available: {', '.join(available())})")
-    module, cls = BUILTIN[name].split(":")
-    return getattr(importlib.import_module(module), cls)()
+    return _REGISTRY.get(name)()
 
 
 def register_backend(cls: type) -> type:
     """Register a third-party backend class (a subclass of ``Backend``; usable as a decorator)."""
-    from rewriter.backends.base import Backend
-
-    if not (isinstance(cls, type) and issubclass(cls, Backend)):
-        raise TypeError(f"register_backend takes a subclass of Backend, got {cls!r}")
-    name = getattr(cls, "name", "")
-    if not isinstance(name, str) or not _NAME.match(name):
-        raise ValueError(f"backend name {name!r} of {cls.__name__} is not kebab-case (like 'onnx')")
-    if name in BUILTIN:
-        raise ValueError(f"'{name}' is a built-in backend; choose another name")
-    existing = _USER.get(name)
-    if existing is not None and existing is not cls:
-        raise ValueError(f"backend name '{name}' is already registered by {existing.__qualname__}")
-    try:
-        cls()
-    except TypeError as error:  # abstract methods left out
-        raise TypeError(
-            f"backend {cls.__name__} leaves part of the interface out: {error}"
-        ) from None
-    _USER[name] = cls
-    return cls
+    if isinstance(cls, type) and getattr(cls, "__abstractmethods__", None):
+        missing = ", ".join(sorted(cls.__abstractmethods__))
+        raise TypeError(f"backend {cls.__name__} leaves part of the interface out: {missing}")
+    return _REGISTRY.register(cls)

@@ -227,16 +227,11 @@ NATIVE = frozenset(KERNELS)
 
 def _unsupported(name: str, node: torch.fx.Node) -> str | None:
     """Why a node of a kernel-backed op still runs its reference (arguments fixed in the graph)."""
-    args = node.args
-    if name == "linear_attention":
-        if not args[8]:
-            return "non-causal linear attention (two matmuls in torch)"
-        if args[9]:
-            return f"softmax window {args[9]} (the kernel has no window part)"
-    if name in ("linear_attention_state",) and args[5]:
-        return f"softmax window {args[5]}"
-    if name == "linear_attention_decode" and args[9]:
-        return f"softmax window {args[9]}"
+    args = ops.arguments(node)
+    if name == "linear_attention" and not args["causal"]:
+        return "non-causal linear attention (two matmuls in torch)"
+    if name.startswith("linear_attention") and args["window"]:
+        return f"softmax window {args['window']} (the kernel has no window part)"
     value = next((a.meta.get("val") for a in node.all_input_nodes if "val" in a.meta), None)
     if isinstance(value, torch.Tensor) and value.dtype == torch.float64:
         return "float64 inputs"

@@ -22,8 +22,7 @@ if __name__ == "passes":  # the bare name from the repository root: see rewriter
         f"{__path__[0]}/../rewriter/_toplevel.py", {"NAME": __name__, "FOLDER": __path__[0]}
     )
 
-import importlib
-import re
+from rewriter.registry import Registry
 
 __all__ = ["BUILTIN", "available", "get_pass", "register_pass"]
 
@@ -44,38 +43,26 @@ BUILTIN: dict[str, str] = {
     "vocab-trim": "rewriter.passes.vocab_trim:VocabTrimPass",
 }
 
-_USER: dict[str, type] = {}
-_NAME = re.compile(r"^[a-z][a-z0-9]*(?:-[a-z0-9]+)*$")
+
+def _base() -> type:
+    from rewriter.pipeline import Pass
+
+    return Pass
+
+
+_REGISTRY = Registry("pass", BUILTIN, _base, "fold-ln")
 
 
 def get_pass(name: str) -> type:
     """The pass class registered under ``name``."""
-    if name in _USER:
-        return _USER[name]
-    if name not in BUILTIN:
-        raise KeyError(f"unknown pass '{name}' (available: {', '.join(available())})")
-    module, cls = BUILTIN[name].split(":")
-    return getattr(importlib.import_module(module), cls)
+    return _REGISTRY.get(name)
 
 
 def available() -> list[str]:
     """Every registered pass name, built-in ones first."""
-    return list(BUILTIN) + [n for n in _USER if n not in BUILTIN]
+    return _REGISTRY.names()
 
 
 def register_pass(cls: type) -> type:
     """Register a third-party pass class (usable as a decorator)."""
-    from rewriter.pipeline import Pass
-
-    if not (isinstance(cls, type) and issubclass(cls, Pass)):
-        raise TypeError(f"register_pass takes a subclass of rewriter.Pass, got {cls!r}")
-    name = getattr(cls, "name", "")
-    if not isinstance(name, str) or not _NAME.match(name):
-        raise ValueError(f"pass name {name!r} of {cls.__name__} is not kebab-case (like 'fold-ln')")
-    if name in BUILTIN:
-        raise ValueError(f"'{name}' is a built-in pass; choose another name")
-    existing = _USER.get(name)
-    if existing is not None and existing is not cls:
-        raise ValueError(f"pass name '{name}' is already registered by {existing.__qualname__}")
-    _USER[name] = cls
-    return cls
+    return _REGISTRY.register(cls)

@@ -34,6 +34,7 @@ import torch.fx
 from rewriter.errors import RewriterError, TraceError
 from rewriter.graph import get_tensor, positions, set_tensor
 from rewriter.metrics import encode
+from rewriter.ops.contract import arguments
 from rewriter.ops.deploy import CACHE_KINDS, FIRST_STATE_KIND, cache_point, step_part
 from rewriter.trace import TRACE_INFO_KEY, trace, trace_info
 
@@ -251,7 +252,7 @@ def _present(point: torch.fx.Node) -> torch.fx.Node | tuple[torch.fx.Node, int]:
         if user.target == aten.cat.default and user.args[0][0] is point:
             return user
         if user.target == torch.ops.rewriter.linear_attention_decode.default:
-            return user, 1 + list(user.args[8]).index(point)
+            return user, 1 + list(arguments(user)["state"]).index(point)
     raise RewriterError(
         f"cache tensor {point.args[1:]} is not extended by a concatenation or updated by a "
         "linear-attention decode step in the decode half (a cache layout this split does not "

@@ -136,7 +136,7 @@ class _Eager(Backend):
 
 
 def test_a_third_party_backend_joins_by_name_and_the_cli_offers_it(tmp_path, monkeypatch) -> None:
-    monkeypatch.setattr(backends, "_USER", {})
+    monkeypatch.setattr(backends._REGISTRY, "user", {})
     assert rewriter.register_backend(_Eager) is _Eager
     assert backends.available()[-1] == "eager-code"
     assert isinstance(backends.get_backend("eager-code"), _Eager)

@@ -114,3 +114,25 @@ def test_every_op_has_samples_runs_them_and_keeps_to_its_device() -> None:
         for args in op_samples(name, device="meta"):
             contract.reference(*args)
             contract.decomposition(*args)
+
+
+def test_arguments_bind_by_the_schema_names_once_declared() -> None:
+    # backends read ops.arguments(node)["window"], not node.args[9]: a reordered or renamed
+    # argument breaks loudly here instead of silently reading the wrong position
+    gm = rewriter.trace(CrmsThenLinear(), (torch.randn(3, 7),))
+    (node,) = gm.graph.find_nodes(op="call_function", target=crms)
+    assert ops.arguments(node) == {"x": node.args[0], "eps": 1e-5}
+    assert ops.OPS["crms_norm"].parameters == ("x", "eps")
+    assert ops.OPS["linear_attention"].parameters[8:10] == ("causal", "window")
+    graph = torch.fx.Graph()
+    x = graph.placeholder("x")
+    by_keyword = graph.call_function(crms, (x,), {"eps": 0.5})
+    assert ops.arguments(by_keyword) == {"x": x, "eps": 0.5}
+    missing = graph.call_function(crms, (x,))
+    with pytest.raises(LoweringError, match="lacks argument 'eps'"):
+        ops.arguments(missing)
+    with pytest.raises(TypeError, match="not an op with a schema"):
+        ops.arguments(graph.call_function(torch.relu, (x,)))
+    # defaults of the schema are filled in (aten.sum.dim_IntList: keepdim=False, dtype=None)
+    summed = graph.call_function(torch.ops.aten.sum.dim_IntList, (x, [0]))
+    assert ops.arguments(summed) == {"self": x, "dim": [0], "keepdim": False, "dtype": None}

@@ -9,6 +9,7 @@ import torch
 import torch.fx
 from rewriter.backends.hls.emit import TABLE_POINTS, Lowering, Value, handles
 
+from rewriter import ops
 from rewriter.errors import LoweringError
 
 aten = torch.ops.aten
@@ -232,8 +233,12 @@ def _matmul(lo: Lowering, node: torch.fx.Node) -> None:
 
 @handles(rw.shiftquant_linear.default)
 def _shiftquant(lo: Lowering, node: torch.fx.Node) -> None:
-    x_node, packed_node, exponents_node, bias_node, bits, group, in_features, act_bits = node.args
-    if act_bits:
+    args = ops.arguments(node)
+    x_node, packed_node, exponents_node, bias_node = (
+        args[name] for name in ("x", "packed", "exponents", "bias")
+    )
+    bits, group, in_features = args["bits"], args["group"], args["in_features"]
+    if args["act_bits"]:
         raise LoweringError(
             "hls export: shiftquant_linear with activation quantization (act_bits)", node
         )
@@ -359,7 +364,8 @@ def _rms_norm(lo: Lowering, node: torch.fx.Node) -> None:
 
 @handles(rw.crms_norm.default)
 def _crms_norm(lo: Lowering, node: torch.fx.Node) -> None:
-    x, _ = lo.operand(node.args[0], node)
+    args = ops.arguments(node)
+    x, _ = lo.operand(args["x"], node)
     out = lo._local(node)
     n = x.shape[-1]
     none = lo.constant("none", torch.zeros(1)).name
@@ -376,14 +382,16 @@ def _crms_norm(lo: Lowering, node: torch.fx.Node) -> None:
             "false",
             "true",
         ],
-        [f"{x.name}", f"{out.name}", f"{none}", f"{none}", f"{float(node.args[1])!r}f"],
+        [f"{x.name}", f"{out.name}", f"{none}", f"{none}", f"{float(args['eps'])!r}f"],
     )
     lo.layer(node, "crms_norm", n=n, rows=x.size // n)
 
 
 @handles(rw.l1_norm.default)
 def _l1_norm(lo: Lowering, node: torch.fx.Node) -> None:
-    x_node, weight_node, bias_node, eps, centered, factor = node.args
+    args = ops.arguments(node)
+    x_node, weight_node, bias_node = args["x"], args["weight"], args["bias"]
+    eps, centered, factor = args["eps"], args["centered"], args["factor"]
     x, _ = lo.operand(x_node, node)
     out = lo._local(node)
     n = x.shape[-1]
@@ -495,8 +503,12 @@ def _mask_kind(mask: torch.Tensor, t: int, s: int, node: torch.fx.Node) -> bool:
 
 @handles(rw.linear_attention.default)
 def _linear_attention(lo: Lowering, node: torch.fx.Node) -> None:
-    _, _, v, phi_q, phi_k, key_mask, decay, _, causal, window, _, eps = node.args
-    if not causal or window:
+    args = ops.arguments(node)
+    v, phi_q, phi_k, key_mask, decay = (
+        args[name] for name in ("v", "phi_q", "phi_k", "key_mask", "decay")
+    )
+    eps = args["eps"]
+    if not args["causal"] or args["window"]:
         raise LoweringError(
             "hls export: linear attention must be causal without a softmax window", node
         )

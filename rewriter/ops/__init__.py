@@ -27,6 +27,7 @@ from rewriter.ops.attention import linear_attention
 from rewriter.ops.contract import (
     OPS,
     OpContract,
+    arguments,
     check_lowerable,
     decompose,
     decomposition_table,
@@ -41,6 +42,7 @@ __all__ = [
     "GAUSSIAN_FACTOR",
     "OPS",
     "OpContract",
+    "arguments",
     "cache_point",
     "check_lowerable",
     "crms_norm",

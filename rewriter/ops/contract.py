@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import operator
 from collections.abc import Callable, Collection, Sequence
+from typing import Any
 
 import torch
 import torch.fx
@@ -28,6 +29,7 @@ from rewriter.errors import LoweringError
 __all__ = [
     "OPS",
     "OpContract",
+    "arguments",
     "check_lowerable",
     "decompose",
     "decomposition_table",
@@ -49,6 +51,11 @@ class OpContract:
     def qualname(self) -> str:
         return f"rewriter::{self.name}"
 
+    @property
+    def parameters(self) -> tuple[str, ...]:
+        """The op's argument names, in order (from its registered schema: declared once)."""
+        return tuple(argument.name for argument in self.overload._schema.arguments)
+
 
 OPS: dict[str, OpContract] = {}
 """Every ``rewriter::`` op, by name."""
@@ -61,6 +68,28 @@ def register(contract: OpContract) -> OpContract:
 
 
 # --- lowering support ----------------------------------------------------------------------------
+
+
+def arguments(node: torch.fx.Node) -> dict[str, Any]:
+    """A ``rewriter::`` (or any ATen) op node's arguments by name, defaults filled in: backends
+    and analyses read ``arguments(node)["causal"]``, never ``node.args[8]``, so an op's
+    signature is written once, in its ``torch.library`` definition."""
+    target = node.target
+    if not isinstance(target, torch._ops.OpOverload):
+        raise TypeError(f"node '{node.name}' calls {target!r}, not an op with a schema")
+    bound: dict[str, Any] = {}
+    for index, argument in enumerate(target._schema.arguments):
+        if index < len(node.args):
+            bound[argument.name] = node.args[index]
+        elif argument.name in node.kwargs:
+            bound[argument.name] = node.kwargs[argument.name]
+        elif argument.has_default_value():
+            bound[argument.name] = argument.default_value
+        else:
+            raise LoweringError(
+                f"{target} node '{node.name}' lacks argument '{argument.name}'", node
+            )
+    return bound
 
 
 def rewriter_nodes(gm: torch.fx.GraphModule) -> dict[str, list[torch.fx.Node]]:
