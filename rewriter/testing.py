@@ -93,83 +93,11 @@ def op_samples(
     """Argument tuples for ``rewriter::<name>`` covering its variants (optional inputs absent
     and present, widths not a power of two), small enough for interpreted kernels; ``size``
     scales the shapes. Backends and kernel tests compare against the op's reference on these.
-    """
-    g = torch.Generator().manual_seed(seed)
+    Each op declares them in its contract (``OpContract.samples``)."""
+    from rewriter.ops import OPS, SampleSource
 
-    def rand(*shape: int, kind: torch.dtype = dtype) -> torch.Tensor:
-        return torch.randn(*shape, generator=g).to(kind).to(device)
-
-    def positive(*shape: int) -> torch.Tensor:
-        return (torch.rand(*shape, generator=g) + 0.1).to(dtype).to(device)
-
-    width = 24 * size + 5
-    if name == "crms_norm":
-        return [(rand(3, width), 1e-5), (rand(2, 3, 7), 1e-6)]
-    if name == "l1_norm":
-        return [
-            (rand(3, width), rand(width), rand(width), 1e-5, True, 1.25),
-            (rand(2, 2, 7), None, None, 1e-6, False, 1.0),
-        ]
-    if name == "shiftquant_linear":
-        from rewriter.ops.quant import quantize_weight
-
-        cases = []
-        for bits, group, act in ((4, 32, 0), (3, 16, 0), (8, 32, 8), (2, 16, 0)):
-            weight = torch.randn(10 * size + 3, width, generator=g)
-            packed, exponents = quantize_weight(weight, bits, group)
-            bias = rand(weight.shape[0]) if bits != 3 else None
-            x = rand(2, 5, width)
-            cases.append(
-                (x, packed.to(device), exponents.to(device), bias, bits, group, width, act)
-            )
-        return cases
-    if name in ("linear_attention", "linear_attention_state", "linear_attention_decode"):
-        return _attention_samples(name, rand, positive, device, size)
-    if name == "step_part":
-        return [(rand(2, 4, 3), 0), (rand(2, 4, 3), 1)]
-    if name == "cache_point":
-        return [(rand(2, 2, 3, 4), 0, 1)]
-    raise KeyError(f"no samples for rewriter::{name}: add them to rewriter.testing.op_samples")
-
-
-def _attention_samples(name, rand, positive, device, size) -> list[tuple]:
-    batch, heads, length, dim, features = 2, 2, 20 * size + 3, 8, 6
-    mask = torch.ones(batch, length, dtype=torch.bool)
-    mask[0, :3] = False
-    mask = mask.to(device)
-    q, k, v = (rand(batch, heads, length, dim) for _ in range(3))
-    pq, pk = positive(batch, heads, length, features), positive(batch, heads, length, features)
-    decay = (torch.linspace(0.8, 1.0, heads)).to(device)
-    gate = (torch.full((heads,), 0.3)).to(device)
-    if name == "linear_attention":
-        return [
-            (q, k, v, pq, pk, None, None, None, True, 0, dim**-0.5, 1e-6),
-            (q, k, v, pq, pk, mask, decay, None, True, 0, dim**-0.5, 1e-6),
-            (q, k, v, pq, pk, mask, decay, gate, True, 4, dim**-0.5, 1e-6),
-            (q, k, v, pq, pk, mask, None, None, False, 0, dim**-0.5, 1e-6),
-        ]
-    if name == "linear_attention_state":
-        return [(k, v, pk, mask, decay, 0), (k, v, pk, None, None, 4)]
-    from rewriter.ops.attention import linear_attention_state_reference
-
-    cases = []
-    for window, m, d, gt in ((0, mask, decay, None), (4, None, decay, gate), (0, None, None, None)):
-        state = linear_attention_state_reference(k, v, pk, m, d, window)
-        one = slice(0, 1)
-        cases.append(
-            (
-                q[:, :, one],
-                k[:, :, one],
-                v[:, :, one],
-                pq[:, :, one],
-                pk[:, :, one],
-                None if m is None else m[:, 0],
-                d,
-                gt,
-                state,
-                window,
-                dim**-0.5,
-                1e-6,
-            )
-        )
-    return cases
+    contract = OPS.get(name)
+    if contract is None or contract.samples is None:
+        raise KeyError(f"no samples for rewriter::{name}: give its OpContract a samples function")
+    source = SampleSource(torch.Generator().manual_seed(seed), device, dtype, size)
+    return contract.samples(source)

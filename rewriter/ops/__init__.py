@@ -27,6 +27,7 @@ from rewriter.ops.attention import linear_attention
 from rewriter.ops.contract import (
     OPS,
     OpContract,
+    SampleSource,
     arguments,
     check_lowerable,
     decompose,
@@ -42,6 +43,7 @@ __all__ = [
     "GAUSSIAN_FACTOR",
     "OPS",
     "OpContract",
+    "SampleSource",
     "arguments",
     "cache_point",
     "check_lowerable",

@@ -34,7 +34,7 @@ import math
 
 import torch
 
-from rewriter.ops.contract import OpContract, register
+from rewriter.ops.contract import OpContract, SampleSource, register
 
 __all__ = [
     "LinearAttentionState",
@@ -482,6 +482,38 @@ def _backward(ctx: object, grad: torch.Tensor) -> tuple:
 
 linear_attention.register_autograd(_backward, setup_context=_setup)
 
+
+def _attention_tensors(s: SampleSource) -> dict:
+    """The tensors the three linear-attention ops' samples share (one draw order)."""
+    batch, heads, length, dim, features = 2, 2, 20 * s.size + 3, 8, 6
+    mask = torch.ones(batch, length, dtype=torch.bool)
+    mask[0, :3] = False
+    q, k, v = (s.rand(batch, heads, length, dim) for _ in range(3))
+    pq, pk = s.positive(batch, heads, length, features), s.positive(batch, heads, length, features)
+    return {
+        "q": q,
+        "k": k,
+        "v": v,
+        "pq": pq,
+        "pk": pk,
+        "mask": mask.to(s.device),
+        "decay": torch.linspace(0.8, 1.0, heads).to(s.device),
+        "gate": torch.full((heads,), 0.3).to(s.device),
+        "scale": dim**-0.5,
+    }
+
+
+def _attention_samples(s: SampleSource) -> list[tuple]:
+    t = _attention_tensors(s)
+    q, k, v, pq, pk, mask, decay, gate, scale = t.values()
+    return [
+        (q, k, v, pq, pk, None, None, None, True, 0, scale, 1e-6),
+        (q, k, v, pq, pk, mask, decay, None, True, 0, scale, 1e-6),
+        (q, k, v, pq, pk, mask, decay, gate, True, 4, scale, 1e-6),
+        (q, k, v, pq, pk, mask, None, None, False, 0, scale, 1e-6),
+    ]
+
+
 register(
     OpContract(
         name="linear_attention",
@@ -489,6 +521,7 @@ register(
         reference=linear_attention_quadratic,
         decomposition=linear_attention_chunked,
         summary="kernelized attention with an optional softmax window and per-head decay",
+        samples=_attention_samples,
     )
 )
 
@@ -742,6 +775,25 @@ _decode_backward, _decode_setup = _recompute_backward(
 )
 linear_attention_decode.register_autograd(_decode_backward, setup_context=_decode_setup)
 
+
+def _state_samples(s: SampleSource) -> list[tuple]:
+    t = _attention_tensors(s)
+    k, v, pk, mask, decay = t["k"], t["v"], t["pk"], t["mask"], t["decay"]
+    return [(k, v, pk, mask, decay, 0), (k, v, pk, None, None, 4)]
+
+
+def _decode_samples(s: SampleSource) -> list[tuple]:
+    t = _attention_tensors(s)
+    q, k, v, pq, pk, mask, decay, gate, scale = t.values()
+    one = slice(0, 1)
+    cases = []
+    for window, m, d, g in ((0, mask, decay, None), (4, None, decay, gate), (0, None, None, None)):
+        state = linear_attention_state_reference(k, v, pk, m, d, window)
+        last = (q[:, :, one], k[:, :, one], v[:, :, one], pq[:, :, one], pk[:, :, one])
+        cases.append((*last, None if m is None else m[:, 0], d, g, state, window, scale, 1e-6))
+    return cases
+
+
 register(
     OpContract(
         name="linear_attention_state",
@@ -749,6 +801,7 @@ register(
         reference=linear_attention_state_reference,
         decomposition=linear_attention_state_reference,
         summary="a linearized layer's decoding state after a prefix (deploy: prefill's cache)",
+        samples=_state_samples,
     )
 )
 register(
@@ -758,5 +811,6 @@ register(
         reference=linear_attention_decode_reference,
         decomposition=linear_attention_decode_reference,
         summary="one linear-attention decoding step from a fixed-size state (deploy: decode)",
+        samples=_decode_samples,
     )
 )

@@ -29,6 +29,7 @@ from rewriter.errors import LoweringError
 __all__ = [
     "OPS",
     "OpContract",
+    "SampleSource",
     "arguments",
     "check_lowerable",
     "decompose",
@@ -38,14 +39,44 @@ __all__ = [
 
 
 @dataclasses.dataclass(frozen=True)
+class SampleSource:
+    """What an op's ``samples`` function draws its argument tuples from: a seeded generator,
+    the device and dtype wanted, and a size factor (shapes stay small enough for interpreted
+    kernels at ``size=1``)."""
+
+    generator: torch.Generator
+    device: str | torch.device = "cpu"
+    dtype: torch.dtype = torch.float32
+    size: int = 1
+
+    @property
+    def width(self) -> int:
+        """A feature width that is not a power of two."""
+        return 24 * self.size + 5
+
+    def rand(self, *shape: int, kind: torch.dtype | None = None) -> torch.Tensor:
+        """Standard normal values of ``kind`` (default: the wanted dtype) on the device."""
+        values = torch.randn(*shape, generator=self.generator)
+        return values.to(kind or self.dtype).to(self.device)
+
+    def positive(self, *shape: int) -> torch.Tensor:
+        """Values in [0.1, 1.1) (feature maps, scales)."""
+        return (torch.rand(*shape, generator=self.generator) + 0.1).to(self.dtype).to(self.device)
+
+
+@dataclasses.dataclass(frozen=True)
 class OpContract:
-    """One ``rewriter::`` op: its overload, reference semantics and ATen decomposition."""
+    """One ``rewriter::`` op: its overload, reference semantics, ATen decomposition, and sample
+    arguments covering its variants (what backends and kernels are tested against)."""
 
     name: str
     overload: torch._ops.OpOverload
     reference: Callable[..., torch.Tensor]
     decomposition: Callable[..., torch.Tensor]
     summary: str
+    samples: Callable[[SampleSource], list[tuple]] | None = None
+    """Argument tuples covering the op's variants (optional inputs absent and present, widths
+    not a power of two): :func:`rewriter.testing.op_samples` calls it."""
 
     @property
     def qualname(self) -> str:

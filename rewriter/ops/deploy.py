@@ -104,6 +104,7 @@ register(
         reference=step_part_reference,
         decomposition=step_part_reference,
         summary="the prefix or the last token of a step graph's input (a cut marker)",
+        samples=lambda s: [(s.rand(2, 4, 3), 0), (s.rand(2, 4, 3), 1)],
     )
 )
 register(
@@ -113,5 +114,6 @@ register(
         reference=cache_point_reference,
         decomposition=cache_point_reference,
         summary="a cache tensor prefill hands to decode (identity; a cut marker)",
+        samples=lambda s: [(s.rand(2, 2, 3, 4), 0, 1)],
     )
 )

@@ -72,6 +72,7 @@ register(
         reference=crms_norm_reference,
         decomposition=crms_norm_reference,
         summary="RMSNorm of a zero-mean d-vector stored as its first d-1 coordinates",
+        samples=lambda s: [(s.rand(3, s.width), 1e-5), (s.rand(2, 3, 7), 1e-6)],
     )
 )
 
@@ -166,5 +167,9 @@ register(
         reference=l1_norm_reference,
         decomposition=l1_norm_reference,
         summary="x (centered or not) over factor * mean absolute deviation + eps, then affine",
+        samples=lambda s: [
+            (s.rand(3, s.width), s.rand(s.width), s.rand(s.width), 1e-5, True, 1.25),
+            (s.rand(2, 2, 7), None, None, 1e-6, False, 1.0),
+        ],
     )
 )

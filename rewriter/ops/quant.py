@@ -27,7 +27,7 @@ import math
 
 import torch
 
-from rewriter.ops.contract import OpContract, register
+from rewriter.ops.contract import OpContract, SampleSource, register
 
 __all__ = [
     "EXPONENT_RANGE",
@@ -296,6 +296,20 @@ def _backward(ctx: object, grad: torch.Tensor) -> tuple:
 
 shiftquant_linear.register_autograd(_backward, setup_context=_setup)
 
+
+def _shiftquant_samples(s: SampleSource) -> list[tuple]:
+    cases = []
+    for bits, group, act in ((4, 32, 0), (3, 16, 0), (8, 32, 8), (2, 16, 0)):
+        weight = torch.randn(10 * s.size + 3, s.width, generator=s.generator)
+        packed, exponents = quantize_weight(weight, bits, group)
+        bias = s.rand(weight.shape[0]) if bits != 3 else None
+        x = s.rand(2, 5, s.width)
+        cases.append(
+            (x, packed.to(s.device), exponents.to(s.device), bias, bits, group, s.width, act)
+        )
+    return cases
+
+
 register(
     OpContract(
         name="shiftquant_linear",
@@ -303,6 +317,7 @@ register(
         reference=shiftquant_linear_reference,
         decomposition=shiftquant_linear_reference,
         summary="linear map with packed b-bit weights and power-of-two group scales",
+        samples=_shiftquant_samples,
     )
 )
 
