@@ -19,7 +19,7 @@ the only core module that reaches up into ``rewriter.passes``.
 
 from __future__ import annotations
 
-from rewriter import adapters, checkpoint, ops, tokenizer_trim, verify, vocab
+from rewriter import adapters, checkpoint, instruments, ops, tokenizer_trim, verify, vocab
 from rewriter.checkpoint import open_checkpoint, rewrite_checkpoint, write_checkpoint
 from rewriter.context import PassContext
 from rewriter.errors import (
@@ -107,6 +107,7 @@ __all__ = [
     "checkpoint",
     "format_graph",
     "generate",
+    "instruments",
     "load",
     "open_checkpoint",
     "ops",

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 import time
 import types
@@ -31,9 +30,10 @@ import torch
 import torch.fx
 
 from rewriter import verify, vocab
-from rewriter.context import PassContext, is_text
+from rewriter.context import PassContext
 from rewriter.errors import PassError, PreconditionError, RewriterError, SpecError
 from rewriter.graph import copy_graph_module, format_graph, is_weightless
+from rewriter.instruments import Instrument, default_instruments
 from rewriter.spec import Budget, ParsedStep, parse_pipeline
 from rewriter.trace import trace_info
 
@@ -379,8 +379,17 @@ class Pipeline:
     def __str__(self) -> str:
         return ",".join(p.spec() for p in self.passes)
 
-    def run(self, gm: torch.fx.GraphModule, ctx: PassContext | None = None) -> PipelineResult:
-        """Run every pass on a copy of ``gm``; ``gm`` itself is never changed."""
+    def run(
+        self,
+        gm: torch.fx.GraphModule,
+        ctx: PassContext | None = None,
+        *,
+        instruments: Sequence[Instrument] = (),
+    ) -> PipelineResult:
+        """Run every pass on a copy of ``gm``; ``gm`` itself is never changed.
+
+        ``instruments`` (:mod:`rewriter.instruments`) run around the pipeline and each pass,
+        after the built-in ones (the vocabulary bookkeeping and the perplexity column)."""
         ctx = ctx or PassContext()
         report = Report(str(self))
         disabled = {
@@ -388,9 +397,9 @@ class Pipeline:
         }
         weightless = is_weightless(gm)
         examples = None if weightless else _example_inputs(gm, ctx)
-        evaluation = _Evaluation(ctx, gm, enabled=not weightless)
-        input_vocab = vocab.vocab_map(gm)
-        report.baseline.update(evaluation(gm))
+        hooks = [*default_instruments(), *instruments]
+        for hook in hooks:
+            report.baseline.update(hook.before_pipeline(gm, ctx) or {})
         current = gm
         ran: list[str] = []
         for step in self.passes:
@@ -412,12 +421,20 @@ class Pipeline:
                 )
                 continue
             previous = current
-            step_ctx = vocab.adapt_context(ctx, input_vocab, vocab.vocab_map(current))
+            step_ctx = ctx
+            for hook in hooks:
+                step_ctx = hook.before_pass(step, current, step_ctx) or step_ctx
             current = self._run_one(step, current, step_ctx, examples, ran, report)
             examples = _carry_examples(examples, previous, current)
-            report.records[-1].metrics.update(evaluation(current))
+            for hook in hooks:
+                report.records[-1].metrics.update(
+                    hook.after_pass(step, previous, current, report.records[-1]) or {}
+                )
             ran.append(step.spec())
-        return PipelineResult(current, report)
+        result = PipelineResult(current, report)
+        for hook in hooks:
+            hook.after_pipeline(result)
+        return result
 
     def _run_one(
         self,
@@ -499,48 +516,6 @@ class Pipeline:
                 torch.export.save(ep, directory / "input.pt2")
             except Exception as error:  # noqa: BLE001 - the reproducer is best effort
                 (directory / "input.pt2.error.txt").write_text(str(error))
-
-
-class _Evaluation:
-    """Perplexity of a graph on the context's evaluation data (nothing without such data).
-
-    The data's ids are those of the pipeline's input graph. A graph whose vocabulary a pass
-    trimmed gets them renumbered when every token was kept; otherwise text is encoded again with
-    the rebuilt tokenizer and the perplexity is of the text's likelihood per original token (so
-    the column stays comparable), and a graph that still takes original ids gets them as they
-    are (removed targets are not counted).
-    """
-
-    def __init__(self, ctx: PassContext, gm: torch.fx.GraphModule, *, enabled: bool = True) -> None:
-        self.ctx = ctx
-        self.ids = ctx.evaluation_ids() if ctx.evaluation is not None and enabled else None
-        self.vocab = vocab.vocab_map(gm)
-
-    def __call__(self, gm: torch.fx.GraphModule) -> dict[str, float]:
-        if self.ids is None:
-            return {}
-        from rewriter.metrics import perplexity_of_ids
-
-        ids = self._ids_for(vocab.vocab_map(gm))
-        if ids is None:
-            return {}
-        ppl = perplexity_of_ids(gm, ids)
-        if ids.numel() != self.ids.numel():
-            # Text encoded again with a rebuilt tokenizer: a different number of tokens. The
-            # text's total log-likelihood per *original* token keeps the column comparable.
-            ppl = math.exp(math.log(ppl) * (ids.numel() - 1) / (self.ids.numel() - 1))
-        return {"ppl": ppl}
-
-    def _ids_for(self, target: vocab.VocabMap | None) -> torch.Tensor | None:
-        assert self.ids is not None
-        if vocab.same_vocab(self.vocab, target) or target is None:
-            return self.ids
-        original = self.ids if self.vocab is None else self.vocab.original_ids(self.ids)
-        if target.ids == "original" or bool((target.positions(original) >= 0).all()):
-            return target.graph_ids(original) if target.ids == "new" else original
-        if target.tokenizer is not None and is_text(self.ctx.evaluation):
-            return self.ctx.evaluation_ids(target.tokenizer)
-        return None
 
 
 def _carry_examples(

@@ -244,3 +244,49 @@ def test_new_tensors_keep_the_model_dtype_and_device(spec: str) -> None:
             assert tensor.dtype == torch.float64, f"{spec}: {name} is {tensor.dtype}"
         else:
             assert "l1quant" in spec or "vocab-trim" in spec, f"{spec}: {name} is {tensor.dtype}"
+
+
+def test_instruments_see_every_pass_add_metrics_and_can_adapt_the_context() -> None:
+    from rewriter.instruments import Instrument, Perplexity, Vocabulary, default_instruments
+
+    _, gm = traced(ModelSpec("gpt2"))
+    calls: list[str] = []
+    seen_seeds: list[int] = []
+
+    class Probe(Instrument):
+        def before_pipeline(self, gm, ctx):
+            calls.append("start")
+            return {"nodes": len(gm.graph.nodes)}
+
+        def before_pass(self, step, gm, ctx):
+            calls.append(f"before {step.name}")
+            first_probe = step.name == "seed-probe" and not seen_seeds
+            return dataclasses.replace(ctx, seed=ctx.seed + 1) if first_probe else None
+
+        def after_pass(self, step, before, after, record):
+            calls.append(f"after {step.name}")
+            assert record.spec == step.spec() and before is not after
+            return {"nodes": len(after.graph.nodes)}
+
+        def after_pipeline(self, result):
+            calls.append(f"end {len(result.report.records)}")
+
+    @dataclasses.dataclass(frozen=True)
+    class SeedProbe(Pass):  # what a pass's context holds after the instruments
+        name: ClassVar[str] = "seed-probe"
+
+        def run(self, gm, ctx):
+            seen_seeds.append(ctx.seed)
+            return PassResult(gm, changed=False)
+
+    before = graph_fingerprint(gm)
+    pipeline = Pipeline((get_pass("canonicalize")(), SeedProbe(), ScaleLogitsPass(), SeedProbe()))
+    result = pipeline.run(gm, PassContext(seed=7), instruments=[Probe()])
+    steps = ["canonicalize", "seed-probe", "scale-logits", "seed-probe"]
+    assert calls == ["start", *[f"{w} {n}" for n in steps for w in ("before", "after")], "end 4"]
+    assert seen_seeds == [8, 7]  # the replaced context went to that one pass only
+    assert result.report.baseline["nodes"] == len(gm.graph.nodes)
+    nodes = [r.metrics["nodes"] for r in result.report.records]
+    assert nodes[2] == nodes[1] + 1  # scale-logits added its multiplication
+    assert graph_fingerprint(gm) == before
+    assert [type(i) for i in default_instruments()] == [Vocabulary, Perplexity]
