@@ -412,4 +412,5 @@ class CanonicalizePass(Pass):
             counts["prune-dead-weight"] = len(pruned)
         if not stats.converged:
             notes.append(f"no fixpoint after {stats.iterations} sweeps (raise max_iterations)")
-        return PassResult(gm, changed=bool(counts), stats=counts, notes=notes)
+        per_rule = stats.per_rule(rules)
+        return PassResult(gm, changed=bool(counts), stats=counts, notes=notes, rules=per_rule)

@@ -3,13 +3,14 @@
 ``rewriter passes``
     Every registered pass with its one-line doc and options.
 ``rewriter run --model MODEL --passes SPEC --out DIR [--backend NAME] [--dialect D]
-[--calib TEXT|FILE] [--eval-text FILE] [--force] [--stream [--shard-size GB]]``
+[--calib TEXT|FILE] [--eval-text FILE] [--force] [--explain] [--stream [--shard-size GB]]``
     Trace MODEL, run the pipeline, write ``model.pt2`` and ``report.json`` (with ``--backend``,
     any backend of the registry, ``rewriter.backends.available()``: its artifact too, checked
     against the graph where it runs here: ``model.onnx`` in ONNX Runtime, ``model.mlir`` in
     dialect D, run on this CPU when D is linalg-on-tensors, the ``hls/`` project in g++ C
     simulation, the ``triton/`` lowering in this process), print the report
-    table; after ``vocab-trim`` the rebuilt tokenizer goes to ``tokenizer/``. MODEL is
+    table (``--explain``: then each rule table's statistics); after ``vocab-trim`` the rebuilt
+    tokenizer goes to ``tokenizer/``. MODEL is
     ``tiny-gpt2`` (the embedded model), a local Hugging Face directory, a config ``.json`` (random
     weights), or ``package.module:factory``, which imports and runs that code (a factory returns
     a model or ``(model, tokenizer)``). Remote code in Hugging Face configs is refused.
@@ -70,6 +71,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     run.add_argument("--calib", help="calibration text, or a file holding it")
     run.add_argument("--eval-text", help="file with evaluation text (perplexity per pass)")
     run.add_argument("--force", action="store_true", help="replace an existing output directory")
+    run.add_argument(
+        "--explain",
+        action="store_true",
+        help="after the report, each rule table's statistics: rules that rewrote, matched, and "
+        "never matched this graph, with their definition sites",
+    )
     run.add_argument("--seq", type=int, default=32, help="example sequence length for tracing")
     run.add_argument(
         "--stream",
@@ -156,6 +163,7 @@ def _run(args: argparse.Namespace) -> int:
         args.backend,
         seq=args.seq,
         dialect=args.dialect,
+        explain=args.explain,
     )
     print(f"artifacts in {out}/: " + ", ".join(sorted(p.name for p in out.iterdir())))
     return 0 if summary["ok"] else 1
@@ -210,6 +218,8 @@ def _run_stream(args: argparse.Namespace) -> int:
             shard_bytes=int(args.shard_size * 1e9),
         )
     print(run.result.report.table())
+    if args.explain:
+        print(run.result.report.explain())
     print(run.summary())
     summary: dict[str, Any] = {
         "model": str(source),
@@ -363,6 +373,7 @@ def _rewrite(
     seq: int = 32,
     examples: int = 0,
     dialect: str = "linalg-on-tensors",
+    explain: bool = False,
 ) -> dict[str, Any]:
     """Trace, run the pipeline, verify, save, optionally export; print and write the report."""
     from rich.console import Console
@@ -383,6 +394,8 @@ def _rewrite(
     with _step(console, f"running {pipeline}"):
         result = rewriter.Pipeline.run(pipeline, gm, ctx)
     print(result.report.table())
+    if explain:
+        print(result.report.explain())
     summary: dict[str, Any] = {"model": loaded.description, "pipeline": str(pipeline), "ok": True}
     final = rewriter.verify.compare(loaded.model, result.graph_module, (ids,))
     summary["error_vs_model"] = final.to_dict()

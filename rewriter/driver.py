@@ -154,6 +154,20 @@ class RuleStats:
     iterations: int = 0
     converged: bool = True
 
+    def per_rule(self, rules: RuleSet) -> dict[str, dict[str, Any]]:
+        """Every rule of ``rules`` in table order: where it is defined, how often it was tried,
+        matched (pattern and side condition) and fired (rewrote); zeros for rules that never
+        fired on this graph (what ``rewriter run --explain`` lists)."""
+        return {
+            r.name: {
+                "location": r.location,
+                "attempts": self.attempts[r.name],
+                "matches": self.matches[r.name],
+                "fired": self.fired[r.name],
+            }
+            for r in rules.rules
+        }
+
 
 class Rewriter:
     """Mutation API over one GraphModule, used by one pass run."""

@@ -76,6 +76,9 @@ class PassResult:
     """Lines for the report (``"no LayerNorm: nothing to do"``)."""
     metrics: dict[str, Any] = dataclasses.field(default_factory=dict)
     """Measurements the pass made itself (perplexity before/after, bytes saved...)."""
+    rules: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
+    """Per-rule statistics of a rule-table pass (``RuleStats.per_rule``: definition site,
+    attempts, matches, rewrites), every rule of its table included."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -235,6 +238,8 @@ class PassRecord:
     metrics: dict[str, Any]
     exact: bool
     skipped: bool = False
+    rules: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
+    """Per-rule statistics (rule-table passes only): see ``PassResult.rules``."""
 
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
@@ -265,6 +270,35 @@ class Report:
 
     def to_json(self, indent: int = 2) -> str:
         return json.dumps(self.to_dict(), indent=indent, default=_json_default)
+
+    def explain(self) -> str:
+        """Per rule-table pass: how many of its rules fired, each rule's attempts, matches and
+        rewrites, and the rules that never fired on this graph with their definition sites
+        (tinygrad's match statistics; ``rewriter run --explain``)."""
+        lines = []
+        for record in self.records:
+            if not record.rules:
+                continue
+            fired = [name for name, r in record.rules.items() if r["fired"]]
+            lines.append(
+                f"{record.spec}: {len(fired)} of {len(record.rules)} rules rewrote this graph"
+            )
+            for name, r in record.rules.items():
+                if r["fired"] or r["matches"]:
+                    lines.append(
+                        f"  {name:32} fired {r['fired']:4}  matched {r['matches']:4}  tried "
+                        f"{r['attempts']:5}  ({r['location']})"
+                    )
+            idle = [n for n, r in record.rules.items() if not r["fired"] and not r["matches"]]
+            if idle:
+                lines.append(
+                    "  never matched: "
+                    + ", ".join(
+                        f"{n} ({record.rules[n]['location']}, tried {record.rules[n]['attempts']})"
+                        for n in idle
+                    )
+                )
+        return "\n".join(lines) or "no pass of this pipeline applies a rule table"
 
     def table(self) -> str:
         """The report as a text table (rendered with rich)."""
@@ -490,6 +524,7 @@ class Pipeline:
                 error=error_report,
                 metrics=dict(result.metrics),
                 exact=step.exact,
+                rules=dict(result.rules),
             )
         )
         if ctx.print_after == "all" or (ctx.print_after == "changed" and result.changed):

@@ -208,3 +208,24 @@ def test_near_misses_reach_the_guard_that_refuses_them() -> None:
         explain=lambda node, rule, why: reasons.setdefault(rule.name, []).append(why),
     )
     assert any("1 != 0" in why for why in reasons["recognize-layer-norm"])
+
+
+def test_rule_statistics_reach_the_report_with_every_rule_of_the_table() -> None:
+    # each rule's definition site, attempts, matches and rewrites go to the report (and to
+    # report.json); rules that never matched this graph are listed by --explain
+    from rewriter.passes.canonicalize import RULES_ATTENTION, RULES_NOOPS, RULES_NORMS
+
+    _, gm = traced(ModelSpec("gpt2"))
+    record = rewriter.Pipeline.parse("canonicalize").run(gm).report.records[0]
+    table = RULES_NOOPS + RULES_NORMS + RULES_ATTENTION
+    assert list(record.rules) == list(dict.fromkeys(r.name for r in table.rules))
+    fired = {name: r["fired"] for name, r in record.rules.items() if r["fired"]}
+    assert fired == {k: v for k, v in record.stats.items() if k != "prune-dead-weight"}
+    for r in record.rules.values():
+        assert r["attempts"] >= r["matches"] >= r["fired"] >= 0
+        assert r["location"].startswith("canonicalize.py:")
+    assert any(r["attempts"] and not r["matches"] for r in record.rules.values())
+    text = rewriter.Report("canonicalize", [record]).explain()
+    idle = [n for n, r in record.rules.items() if not r["matches"]]
+    assert f"{len(fired)} of {len(record.rules)} rules rewrote this graph" in text
+    assert all(name in text.split("never matched: ")[1] for name in idle)

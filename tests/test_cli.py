@@ -59,7 +59,12 @@ def test_run_writes_artifacts_and_refuses_to_overwrite(tmp_path, capsys) -> None
     assert "canonicalize" in capsys.readouterr().out
     assert _run("--model", hf, "--passes", "canonicalize", "--out", out) == 2
     assert "pass --force" in capsys.readouterr().err
-    assert _run("--model", hf, "--passes", "canonicalize", "--out", out, "--force") == 0
+    assert (
+        _run("--model", hf, "--passes", "canonicalize", "--out", out, "--force", "--explain") == 0
+    )
+    explained = capsys.readouterr().out
+    assert "canonicalize: " in explained and " rules rewrote this graph" in explained
+    assert "never matched: " in explained and "canonicalize.py:" in explained
 
 
 def test_run_from_a_config_file_and_a_factory(tmp_path) -> None:
