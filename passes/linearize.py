@@ -69,7 +69,7 @@ from rewriter.ops.deploy import FIRST_STATE_KIND
 from rewriter.pipeline import Pass, PassResult, option
 from rewriter.store import weights as weights_of
 from rewriter.trace import trace_info
-from rewriter.train import _forward, train
+from rewriter.train import forward, train
 
 __all__ = ["LinearizePass"]
 
@@ -610,7 +610,7 @@ def _call(gm: torch.fx.GraphModule, batch: Any, source: torch.fx.GraphModule) ->
             )
         args, kwargs = info.call_inputs(info.example_inputs)
         return gm(*args, **kwargs)
-    return _forward(gm, batch, info)
+    return forward(gm, batch, info)
 
 
 def _record(

@@ -28,7 +28,7 @@ from rewriter.errors import PreconditionError
 from rewriter.graph import copy_graph_module, module_path
 from rewriter.pipeline import Pass, PassResult, option
 from rewriter.trace import trace_info
-from rewriter.train import _forward, causal_lm_loss, logits_of
+from rewriter.train import causal_lm_loss, forward, logits_of
 
 __all__ = ["LoRASBPass"]
 
@@ -102,6 +102,6 @@ def _gradients(
         batches, total=len(batches), description="lora-sb: gradients", enabled=show
     ):
         ids = batch["input_ids"] if isinstance(batch, dict) else batch
-        loss = causal_lm_loss(logits_of(_forward(work, batch, info)), ids)
+        loss = causal_lm_loss(logits_of(forward(work, batch, info)), ids)
         loss.backward()
     return {name: p.grad.detach().to(torch.float64) for name, p in params.items()}

@@ -29,7 +29,7 @@ from rewriter.store import ModuleStore
 from rewriter.trace import trace_info
 from rewriter.verify import outputs
 
-__all__ = ["TrainReport", "causal_lm_loss", "logits_of", "train"]
+__all__ = ["TrainReport", "causal_lm_loss", "forward", "logits_of", "train"]
 
 
 @dataclasses.dataclass
@@ -136,7 +136,7 @@ def train(
         ):
             batch = batches[order[step % len(order)]]
             optimizer.zero_grad(set_to_none=True)
-            value = loss_fn(_forward(gm, batch, info), batch)
+            value = loss_fn(forward(gm, batch, info), batch)
             if not torch.isfinite(value):
                 raise RewriterError(f"training diverged at step {step}: loss is {value.item()}")
             value.backward()
@@ -229,7 +229,11 @@ def _ids_and_mask(batch: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
     return batch[0], None
 
 
-def _forward(gm: torch.fx.GraphModule, batch: Any, info: Any) -> Any:
+def forward(gm: torch.fx.GraphModule, batch: Any, info: Any = None) -> Any:
+    """Run ``gm`` on one training batch as :func:`train` does: a token tensor or a dict (missing
+    attention masks and position ids filled in), or a tuple whose first item holds the graph's
+    inputs (called by the graph's input names when ``info``, its ``TraceInfo``, is given). Passes
+    that fit parameters on calibration batches call this."""
     if isinstance(batch, (dict, torch.Tensor)):
         return feed(gm, batch)  # fills an attention mask / position ids the batch leaves out
     inputs: Iterable[torch.Tensor] = (

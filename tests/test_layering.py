@@ -63,3 +63,17 @@ def test_every_package_folder_is_installed() -> None:
             if "data" in relative:
                 continue
             assert name in listed, f"{init.parent} is a package; pyproject does not install {name}"
+
+
+def test_passes_and_backends_use_only_public_names_of_the_core() -> None:
+    # what a pass or a backend needs from the core is public API there (rewriter.train.forward,
+    # not _forward): a private import is a helper that belongs in the core's interface
+    for folder in ("passes", "backends"):
+        for path in (ROOT / folder).rglob("*.py"):
+            tree = ast.parse(path.read_text())
+            for node in ast.walk(tree):
+                if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("rewriter"):
+                    if node.module.startswith(("rewriter.passes", "rewriter.backends")):
+                        continue  # within the same layer
+                    private = [a.name for a in node.names if a.name.startswith("_")]
+                    assert not private, f"{path.relative_to(ROOT)}:{node.lineno} imports {private}"
