@@ -173,7 +173,7 @@ def example_inputs(gm: torch.fx.GraphModule, inputs: Sequence[torch.Tensor] | No
     """``inputs``, or the trace's example inputs."""
     if inputs is not None:
         return tuple(inputs)
-    from rewriter.trace import trace_info
+    from rewriter.ir.trace import trace_info
 
     info = trace_info(gm)
     if info is None:

@@ -32,8 +32,8 @@ from rewriter.backends.base import Backend, Exported, Measurement, artifact_byte
 
 from rewriter import ops
 from rewriter.errors import LoweringError
-from rewriter.graph import copy_graph_module, input_dependent, node_values
-from rewriter.trace import trace_info
+from rewriter.ir.graph import copy_graph_module, input_dependent, node_values
+from rewriter.ir.trace import trace_info
 
 __all__ = [
     "DIALECTS",
@@ -152,7 +152,7 @@ def export(
     decomposed = sorted(ops.rewriter_nodes(work))
     ops.decompose(work, extra=[_SDPA])  # every rewriter:: op, and attention our way
     if not dynamic:  # fixed shapes: size arithmetic and what depends only on it become constants
-        from rewriter.trace import trace
+        from rewriter.ir.trace import trace
 
         work = trace(_Positional(work), args)
     _fold_constants(work, args)
@@ -186,7 +186,7 @@ def _fold_constants(gm: torch.fx.GraphModule, args: tuple[torch.Tensor, ...]) ->
     """Replace every value that does not depend on the inputs (masks, positions, rotary tables,
     unpacked weights) by a constant: simpler MLIR, and no ``cumsum`` scan (``tm_tensor``, which
     the wheel's Python context cannot parse back)."""
-    from rewriter.store import weights
+    from rewriter.ir.store import weights
 
     dependent = input_dependent(gm)
     frontier = [

@@ -50,8 +50,8 @@ from rewriter.backends.base import (
 
 from rewriter import ops
 from rewriter.errors import LoweringError, RewriterError
-from rewriter.graph import copy_graph_module, output_names
-from rewriter.trace import TraceInfo, trace_info
+from rewriter.ir.graph import copy_graph_module, output_names
+from rewriter.ir.trace import TraceInfo, trace_info
 from rewriter.verify import ErrorReport, compare_outputs, graph_reference
 
 __all__ = [

@@ -48,9 +48,9 @@ from rewriter.backends.base import (
 )
 
 from rewriter import ops
-from rewriter.graph import copy_graph_module
+from rewriter.ir.graph import copy_graph_module
+from rewriter.ir.trace import trace_info
 from rewriter.ops.quant import quantize_activations
-from rewriter.trace import trace_info
 
 __all__ = [
     "KERNELS",

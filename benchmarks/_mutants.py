@@ -24,10 +24,10 @@ class Mutant(NamedTuple):
 
 MUTANTS: list[Mutant] = [
     # === centering, folding, prernorm, crmsnorm and the norm ops =================================
-    # --- rewriter/centering.py -------------------------------------------------------------------
+    # --- rewriter/analysis/centering.py -------------------------------------------------------------------
     Mutant(
         "centering-ln-eps-hardcoded-1e-5",
-        "rewriter/centering.py",
+        "rewriter/analysis/centering.py",
         "    eps = 1e-5 if eps is None else eps  # aten.layer_norm's default, now explicit",
         "    eps = 1e-5  # aten.layer_norm's default, now explicit",
         ("tests/test_row_blocks.py", "tests/test_prernorm.py", "tests/test_crmsnorm.py"),
@@ -37,7 +37,7 @@ MUTANTS: list[Mutant] = [
     ),
     Mutant(
         "center-out-in-linear-divides-by-in-features",
-        "rewriter/centering.py",
+        "rewriter/analysis/centering.py",
         "        out = lin.out_features\n",
         "        out = lin.in_features\n",
         ("tests/test_fold_ln.py", "tests/test_prernorm.py", "tests/test_crmsnorm.py"),
@@ -47,7 +47,7 @@ MUTANTS: list[Mutant] = [
     ),
     Mutant(
         "center-conv1d-writer-over-wrong-axis",
-        "rewriter/centering.py",
+        "rewriter/analysis/centering.py",
         """            lambda b: (r := b.rows(weight)) - r.mean(-1, keepdim=True),
             note="center output columns",""",
         """            lambda b: (r := b.rows(weight)) - r.mean(0, keepdim=True),
@@ -58,7 +58,7 @@ MUTANTS: list[Mutant] = [
     ),
     Mutant(
         "center-bias-skipped-for-conv1d",
-        "rewriter/centering.py",
+        "rewriter/analysis/centering.py",
         "    if lin.bias is not None:\n        readers =",
         '    if lin.bias is not None and lin.layout == "out_in":\n        readers =',
         ("tests/test_prernorm.py", "tests/test_crmsnorm.py"),
@@ -68,7 +68,7 @@ MUTANTS: list[Mutant] = [
     ),
     Mutant(
         "center-bias-in-float32",
-        "rewriter/centering.py",
+        "rewriter/analysis/centering.py",
         'lambda b: (v := b.whole(bias)) - v.mean(), note="center bias"',
         'lambda b: (v := b.whole(bias).float()) - v.mean(), note="center bias"',
         ("tests/test_prernorm.py", "tests/test_crmsnorm.py"),
@@ -78,7 +78,7 @@ MUTANTS: list[Mutant] = [
     ),
     Mutant(
         "center-tables-grouped-by-op-not-tensor",
-        "rewriter/centering.py",
+        "rewriter/analysis/centering.py",
         "            tables.setdefault(str(node.target), []).append(writer)",
         "            tables.setdefault(str(writer.node.target), []).append(writer)",
         ("tests/test_fold_ln.py", "tests/test_prernorm.py", "tests/test_crmsnorm.py"),
@@ -88,7 +88,7 @@ MUTANTS: list[Mutant] = [
     ),
     Mutant(
         "center-table-without-untying",
-        "rewriter/centering.py",
+        "rewriter/analysis/centering.py",
         "    owned = untie_for(rw, node, users)\n",
         "    owned = node\n",
         ("tests/test_fold_ln.py", "tests/test_prernorm.py", "tests/test_crmsnorm.py"),
@@ -97,7 +97,7 @@ MUTANTS: list[Mutant] = [
     ),
     Mutant(
         "center-table-mean-over-vocab",
-        "rewriter/centering.py",
+        "rewriter/analysis/centering.py",
         "            lambda b: (r := b.rows(name)) - r.mean(-1, keepdim=True),",
         "            lambda b: (r := b.rows(name)) - r.mean(0, keepdim=True),",
         ("tests/test_fold_ln.py", "tests/test_prernorm.py", "tests/test_crmsnorm.py"),
@@ -106,7 +106,7 @@ MUTANTS: list[Mutant] = [
     ),
     Mutant(
         "center-linear-untie-first-application-only",
-        "rewriter/centering.py",
+        "rewriter/analysis/centering.py",
         "    weight_node = untie_for(rw, lin.weight, [x.node for x in lins])",
         "    weight_node = untie_for(rw, lin.weight, [lin.node])",
         ("tests/test_deploy.py",),
@@ -116,7 +116,7 @@ MUTANTS: list[Mutant] = [
     ),
     Mutant(
         "explicit-centering-mean-over-sequence",
-        "rewriter/centering.py",
+        "rewriter/analysis/centering.py",
         "        aten.mean.dim, (node, [-1], True), before=anchor,",
         "        aten.mean.dim, (node, [-2], True), before=anchor,",
         ("tests/test_prernorm.py", "tests/test_crmsnorm.py"),
@@ -125,7 +125,7 @@ MUTANTS: list[Mutant] = [
     ),
     Mutant(
         "explicit-centering-rewires-one-user",
-        "rewriter/centering.py",
+        "rewriter/analysis/centering.py",
         "    users = [u for u in node.users if not is_metadata_reader(u)]\n",
         "    users = [u for u in node.users if not is_metadata_reader(u)][:1]\n",
         ("tests/test_prernorm.py", "tests/test_crmsnorm.py"),
@@ -134,7 +134,7 @@ MUTANTS: list[Mutant] = [
     ),
     Mutant(
         "layer-to-rms-swaps-gamma-and-beta",
-        "rewriter/centering.py",
+        "rewriter/analysis/centering.py",
         "    x, shape, gamma, beta, eps = args[:5]",
         "    x, shape, beta, gamma, eps = args[:5]",
         ("tests/test_fold_ln.py", "tests/test_prernorm.py", "tests/test_crmsnorm.py"),
@@ -160,10 +160,10 @@ MUTANTS: list[Mutant] = [
         "The refusal of unknown writers is bypassed, so a train-mode dropout (or any unknown op) "
         "is silently wrapped in an explicit centering instead of being refused by name.",
     ),
-    # --- rewriter/stream.py ----------------------------------------------------------------------
+    # --- rewriter/analysis/residual.py ----------------------------------------------------------------------
     Mutant(
         "stream-walk-follows-only-first-addend",
-        "rewriter/stream.py",
+        "rewriter/analysis/residual.py",
         "            stack.extend(node.args)",
         "            stack.append(node.args[0])",
         ("tests/test_prernorm.py", "tests/test_crmsnorm.py"),
@@ -173,17 +173,17 @@ MUTANTS: list[Mutant] = [
     ),
     Mutant(
         "stream-closure-skips-writers",
-        "rewriter/stream.py",
+        "rewriter/analysis/residual.py",
         "    members = stream.nodes | {w.node for w in stream.writers}",
         "    members = set(stream.nodes)",
         ("tests/test_prernorm.py",),
         "The closure check only looks at stream nodes, so a Post-LN model (whose norm output is a "
         "writer also read by attention) is no longer refused by name before anything changes.",
     ),
-    # --- rewriter/folding.py ---------------------------------------------------------------------
+    # --- rewriter/analysis/folding.py ---------------------------------------------------------------------
     Mutant(
         "fold-gamma-before-beta",
-        "rewriter/folding.py",
+        "rewriter/analysis/folding.py",
         """        if beta is not None:
             reader = ensure_bias(rw, reader, also=group[1:])
             rw.apply(bias_fold_edit(reader, beta))  # reads the weight before gamma scales it
@@ -200,7 +200,7 @@ MUTANTS: list[Mutant] = [
     ),
     Mutant(
         "fold-beta-wrong-sign",
-        "rewriter/folding.py",
+        "rewriter/analysis/folding.py",
         "            lambda b: b.whole(bias) + b.matvec(weight, beta),",
         "            lambda b: b.whole(bias) - b.matvec(weight, beta),",
         ("tests/test_fold_ln.py", "tests/test_prernorm.py", "tests/test_crmsnorm.py"),
@@ -208,7 +208,7 @@ MUTANTS: list[Mutant] = [
     ),
     Mutant(
         "fold-gamma-wrong-axis-out-in",
-        "rewriter/folding.py",
+        "rewriter/analysis/folding.py",
         "            lambda b: b.rows(weight) * b.whole(gamma)[None, :],",
         "            lambda b: b.rows(weight) * b.whole(gamma)[:, None],",
         ("tests/test_fold_ln.py", "tests/test_prernorm.py", "tests/test_ln_freeze.py"),
@@ -217,7 +217,7 @@ MUTANTS: list[Mutant] = [
     ),
     Mutant(
         "norm-unit-eps-index-off-by-one",
-        "rewriter/folding.py",
+        "rewriter/analysis/folding.py",
         '        index = 4 if self.kind == "layer" else 3',
         "        index = 3",
         ("tests/test_fold_ln.py", "tests/test_crmsnorm.py"),
@@ -226,7 +226,7 @@ MUTANTS: list[Mutant] = [
     ),
     Mutant(
         "frozen-centering-conv1d-divides-by-out-features",
-        "rewriter/folding.py",
+        "rewriter/analysis/folding.py",
         "    width = lin.in_features\n",
         "    width = lin.out_features\n",
         ("tests/test_ln_freeze.py", "tests/test_deploy.py"),
@@ -488,10 +488,10 @@ MUTANTS: list[Mutant] = [
         "The ALiBi bias [B*H, 1, S] is viewed with batch and heads swapped (wrong axis order), so "
         "heads get other heads' slopes, or the mask fails to broadcast.",
     ),
-    # --- rewriter/store.py ----------------------------------------------------------------------------
+    # --- rewriter/ir/store.py ----------------------------------------------------------------------------
     Mutant(
         "store-row-blocks-skips-last-row",
-        "rewriter/store.py",
+        "rewriter/ir/store.py",
         "    for start in range(0, rows, step):\n",
         "    for start in range(0, rows - 1, step):\n",
         ("tests/test_row_blocks.py", "tests/test_store.py"),
@@ -501,7 +501,7 @@ MUTANTS: list[Mutant] = [
     ),
     Mutant(
         "store-row-blocks-inclusive-stop",
-        "rewriter/store.py",
+        "rewriter/ir/store.py",
         "        yield start, min(rows, start + step)\n",
         "        yield start, min(rows, start + step - 1)\n",
         (
@@ -516,7 +516,7 @@ MUTANTS: list[Mutant] = [
     ),
     Mutant(
         "store-column-sum-overwrites",
-        "rewriter/store.py",
+        "rewriter/ir/store.py",
         "                total += rows.sum(0)\n",
         "                total = rows.sum(0)\n",
         ("tests/test_row_blocks.py", "tests/test_store.py"),
@@ -525,7 +525,7 @@ MUTANTS: list[Mutant] = [
     ),
     Mutant(
         "store-write-ignores-aliases",
-        "rewriter/store.py",
+        "rewriter/ir/store.py",
         "        for alias in self.aliases(name) if name in self else [name]:\n",
         "        for alias in [name]:\n",
         ("tests/test_store.py", "tests/test_fold_ln.py", "tests/test_stream.py"),
@@ -636,11 +636,11 @@ MUTANTS: list[Mutant] = [
     ),
     # === adapter init, merge and unmerge; vocabulary trimming ====================================
     # ------------------------------------------------------------------------------------------
-    # Adapter merge / unmerge (rewriter/adapters.py, passes/merge_adapters.py)
+    # Adapter merge / unmerge (rewriter/analysis/adapters.py, passes/merge_adapters.py)
     # ------------------------------------------------------------------------------------------
     Mutant(
         "merge-b-rows-from-row-zero",
-        "rewriter/adapters.py",
+        "rewriter/analysis/adapters.py",
         "            return rows + left[block.start : block.stop] @ right",
         "            return rows + left[: block.stop - block.start] @ right",
         (
@@ -655,7 +655,7 @@ MUTANTS: list[Mutant] = [
     ),
     Mutant(
         "merge-layout-inverted",
-        "rewriter/adapters.py",
+        "rewriter/analysis/adapters.py",
         '        if record.layout == "out_in":\n            return rows + left',
         '        if record.layout == "in_out":\n            return rows + left',
         (
@@ -670,7 +670,7 @@ MUTANTS: list[Mutant] = [
     ),
     Mutant(
         "merge-drops-scale",
-        "rewriter/adapters.py",
+        "rewriter/analysis/adapters.py",
         '    left = record.scale * f["B"]  # [out, r]',
         '    left = f["B"]  # [out, r]',
         ("tests/test_row_blocks.py", "tests/test_adapters.py", "tests/test_deploy.py"),
@@ -679,7 +679,7 @@ MUTANTS: list[Mutant] = [
     ),
     Mutant(
         "merge-r-transposed",
-        "rewriter/adapters.py",
+        "rewriter/analysis/adapters.py",
         '    right = f["R"] @ f["A"] if "R" in f else f["A"]  # [r, in]',
         '    right = f["R"].T @ f["A"] if "R" in f else f["A"]  # [r, in]',
         ("tests/test_row_blocks.py", "tests/test_adapters.py"),
@@ -733,7 +733,7 @@ MUTANTS: list[Mutant] = [
     ),
     Mutant(
         "nola-merge-b-from-alpha",
-        "rewriter/adapters.py",
+        "rewriter/analysis/adapters.py",
         '        read["B"] = torch.einsum("k,kor->or", read["beta"], read["B_basis"])',
         '        read["B"] = torch.einsum("k,kor->or", read["alpha"], read["B_basis"])',
         ("tests/test_row_blocks.py", "tests/test_adapters.py", "tests/test_deploy.py"),
@@ -742,7 +742,7 @@ MUTANTS: list[Mutant] = [
     ),
     Mutant(
         "nola-load-bases-in-out-swapped",
-        "rewriter/adapters.py",
+        "rewriter/analysis/adapters.py",
         "                lin.in_features,\n                lin.out_features,\n            )",
         "                lin.out_features,\n                lin.in_features,\n            )",
         ("tests/test_adapters.py",),
@@ -751,7 +751,7 @@ MUTANTS: list[Mutant] = [
     ),
     Mutant(
         "save-only-trainable-factors",
-        "rewriter/adapters.py",
+        "rewriter/analysis/adapters.py",
         '        roles = [r for r in record.tensors if not r.endswith("_basis")]',
         "        roles = [r for r in record.tensors if record.tensors[r] in record.trainable]",
         ("tests/test_adapters.py", "tests/test_stream.py"),
@@ -760,7 +760,7 @@ MUTANTS: list[Mutant] = [
     ),
     Mutant(
         "inject-first-application-only",
-        "rewriter/adapters.py",
+        "rewriter/analysis/adapters.py",
         "    apps = applications(rw.gm, lin)\n    first = apps[0].output",
         "    apps = [lin]\n    first = apps[0].output",
         ("tests/test_adapters.py", "tests/test_deploy.py"),
@@ -899,11 +899,11 @@ MUTANTS: list[Mutant] = [
         "the kept id that sits in row 0 (off-by-one in kept ids).",
     ),
     # ------------------------------------------------------------------------------------------
-    # Vocabulary trimming: tokenizer and config side (rewriter/tokenizer_trim.py)
+    # Vocabulary trimming: tokenizer and config side (rewriter/io/tokenizer_trim.py)
     # ------------------------------------------------------------------------------------------
     Mutant(
         "config-pad-token-id-not-renumbered",
-        "rewriter/tokenizer_trim.py",
+        "rewriter/io/tokenizer_trim.py",
         '    "eos_token_id",\n    "pad_token_id",\n',
         '    "eos_token_id",\n',
         ("tests/test_tokenizer_trim.py", "tests/test_vocab_trim.py"),
@@ -912,7 +912,7 @@ MUTANTS: list[Mutant] = [
     ),
     Mutant(
         "config-vocab-size-from-old-ids",
-        "rewriter/tokenizer_trim.py",
+        "rewriter/io/tokenizer_trim.py",
         '        out["vocab_size"] = size',
         '        out["vocab_size"] = max(old_to_new, default=-1) + 1',
         ("tests/test_tokenizer_trim.py", "tests/test_vocab_trim.py"),
@@ -921,7 +921,7 @@ MUTANTS: list[Mutant] = [
     ),
     Mutant(
         "config-old-to-new-swapped",
-        "rewriter/tokenizer_trim.py",
+        "rewriter/io/tokenizer_trim.py",
         "    old_to_new = {int(old): new for new, old in enumerate(kept)}",
         "    old_to_new = {int(old): new for old, new in enumerate(kept)}",
         ("tests/test_tokenizer_trim.py", "tests/test_vocab_trim.py", "tests/test_deploy.py"),
@@ -930,7 +930,7 @@ MUTANTS: list[Mutant] = [
     ),
     Mutant(
         "config-suppress-tokens-not-renumbered",
-        "rewriter/tokenizer_trim.py",
+        "rewriter/io/tokenizer_trim.py",
         "            out[field] = [old_to_new[v] for v in out[field] if v in old_to_new]",
         "            out[field] = [v for v in out[field] if v in old_to_new]",
         ("tests/test_tokenizer_trim.py",),
@@ -939,7 +939,7 @@ MUTANTS: list[Mutant] = [
     ),
     Mutant(
         "tokenizer-added-token-new-id-zero-dropped",
-        "rewriter/tokenizer_trim.py",
+        "rewriter/io/tokenizer_trim.py",
         '        if old_to_new[entry["id"]] >= 0',
         '        if old_to_new[entry["id"]] > 0',
         ("tests/test_tokenizer_trim.py", "tests/test_vocab_trim.py"),
@@ -948,7 +948,7 @@ MUTANTS: list[Mutant] = [
     ),
     Mutant(
         "tokenizer-post-processor-not-remapped",
-        "rewriter/tokenizer_trim.py",
+        "rewriter/io/tokenizer_trim.py",
         '    spec["post_processor"] = _map_post_processor(spec.get("post_processor"), remap)',
         '    spec["post_processor"] = spec.get("post_processor")',
         ("tests/test_tokenizer_trim.py", "tests/test_vocab_trim.py"),

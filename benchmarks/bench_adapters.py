@@ -24,9 +24,9 @@ from _common import parse, pick, results_dir, write
 
 import rewriter
 from rewriter import zoo
-from rewriter.adapters import records
-from rewriter.graph import is_lm_head, linear_maps
-from rewriter.metrics import perplexity_of_ids
+from rewriter.analysis.adapters import records
+from rewriter.ir.graph import is_lm_head, linear_maps
+from rewriter.pipeline.metrics import perplexity_of_ids
 
 METHODS = {
     "lora r=1": ("lora(r=1,alpha=2)", 1e-3),

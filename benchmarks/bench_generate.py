@@ -30,7 +30,7 @@ from _common import parse, pick, results_dir, write
 
 import rewriter
 from rewriter import deploy
-from rewriter.families import ModelSpec
+from rewriter.verify.families import ModelSpec
 
 MODEL = ModelSpec(
     "llama", layers=4, heads=8, head_dim=32, vocab=8192, max_positions=4200, ffn_mult=4

@@ -32,7 +32,7 @@ from _common import parse, pick, results_dir, write
 from rewriter.backends import hls
 
 import rewriter
-from rewriter.families import ModelSpec
+from rewriter.verify.families import ModelSpec
 
 BLOCKS = {
     "layernorm (original)": "canonicalize",

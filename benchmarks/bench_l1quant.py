@@ -35,8 +35,8 @@ from rewriter.passes.l1quant import round_to_nearest_baseline
 
 import rewriter
 from rewriter import zoo
-from rewriter.families import ModelSpec
-from rewriter.metrics import perplexity_of_ids
+from rewriter.pipeline.metrics import perplexity_of_ids
+from rewriter.verify.families import ModelSpec
 
 onnx = rewriter.backends.onnx
 GPT2_SMALL = ModelSpec("gpt2", layers=12, heads=12, head_dim=64, vocab=50257, max_positions=1024)

@@ -21,7 +21,7 @@ from _common import embedded_graph, held_out_ids, parse, pick, write
 
 import rewriter
 from rewriter import zoo
-from rewriter.metrics import perplexity_of_ids
+from rewriter.pipeline.metrics import perplexity_of_ids
 
 
 def variants(steps: int, long_steps: int) -> dict[str, str]:

@@ -28,8 +28,8 @@ from _common import embedded_graph, held_out_ids, interleaved, parse, pick, resu
 
 import rewriter
 from rewriter import zoo
-from rewriter.families import ModelSpec
-from rewriter.metrics import perplexity_of_ids
+from rewriter.pipeline.metrics import perplexity_of_ids
+from rewriter.verify.families import ModelSpec
 
 GPT2_SMALL = ModelSpec("gpt2", layers=12, heads=12, head_dim=64, vocab=50257, max_positions=1024)
 QUICK_MODEL = ModelSpec("gpt2", layers=2, heads=2, head_dim=32, vocab=512, max_positions=512)
@@ -132,8 +132,8 @@ def _budget_mode(gm: torch.fx.GraphModule, tokenizer: object) -> dict[str, objec
 
 
 def _norm_modules(gm: torch.fx.GraphModule) -> list[str]:
-    from rewriter.folding import norm_units
-    from rewriter.graph import module_path
+    from rewriter.analysis.folding import norm_units
+    from rewriter.ir.graph import module_path
 
     return [module_path(u.norm) for u in norm_units(gm, frozen=False)]
 

@@ -20,7 +20,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 from _common import interleaved, parse, pick, write
 
 import rewriter
-from rewriter.families import ModelSpec
+from rewriter.verify.families import ModelSpec
 
 
 def main() -> None:

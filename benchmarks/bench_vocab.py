@@ -30,8 +30,8 @@ from _common import interleaved, parse, pick, write
 
 import rewriter
 from rewriter import vocab, zoo
-from rewriter.families import ModelSpec
-from rewriter.metrics import perplexity_of_ids
+from rewriter.pipeline.metrics import perplexity_of_ids
+from rewriter.verify.families import ModelSpec
 
 onnx = rewriter.backends.onnx
 GPT2_SMALL = ModelSpec(

@@ -29,7 +29,7 @@ from rewriter.passes import available, get_pass
 
 import rewriter
 from rewriter.errors import PassError, PreconditionError
-from rewriter.families import FAMILIES, ModelSpec
+from rewriter.verify.families import FAMILIES, ModelSpec
 
 
 def exact_passes() -> list[str]:

@@ -7,7 +7,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import rewriter
-from rewriter.graph import op_counts
+from rewriter.ir.graph import op_counts
 
 config = LlamaConfig(
     hidden_size=64,

@@ -14,10 +14,10 @@ import torch
 from torch import nn
 
 import rewriter
-from rewriter.driver import Rewriter, RuleSet, apply_rules, rule
-from rewriter.graph import as_linear
-from rewriter.pattern import P
-from rewriter.store import Edit
+from rewriter.ir.graph import as_linear
+from rewriter.ir.store import Edit
+from rewriter.rewrite.driver import Rewriter, RuleSet, apply_rules, rule
+from rewriter.rewrite.pattern import P
 
 aten = torch.ops.aten
 

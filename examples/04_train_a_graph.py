@@ -6,7 +6,7 @@ python examples/04_train_a_graph.py
 import torch
 
 import rewriter
-from rewriter.families import ModelSpec
+from rewriter.verify.families import ModelSpec
 
 spec = ModelSpec("gpt2", layers=2, vocab=64)
 model = spec.build()

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 import rewriter
-from rewriter.metrics import perplexity_of_ids
+from rewriter.pipeline.metrics import perplexity_of_ids
 
 model, tokenizer = rewriter.zoo.tiny_gpt2()
 corpus = rewriter.zoo.calibration_text()[:20_000]

@@ -18,7 +18,7 @@ if not torch.cuda.is_available():
 from rewriter.backends import triton as triton_backend
 
 import rewriter
-from rewriter.families import ModelSpec
+from rewriter.verify.families import ModelSpec
 
 spec = ModelSpec("llama", vocab=96, layers=2, heads=2, head_dim=16, seed=0)
 model = spec.build()

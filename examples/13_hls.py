@@ -13,7 +13,7 @@ import torch
 from rewriter.backends import hls
 
 import rewriter
-from rewriter.families import ModelSpec
+from rewriter.verify.families import ModelSpec
 
 config = ModelSpec("gpt2", vocab=64, layers=1, heads=2, head_dim=16, seed=0)
 model = config.build()

@@ -11,7 +11,7 @@ import torch
 from rewriter.backends import mlir
 
 import rewriter
-from rewriter.families import ModelSpec
+from rewriter.verify.families import ModelSpec
 
 config = ModelSpec("gpt2", vocab=64, layers=2, heads=2, head_dim=8, seed=0)
 model = config.build()

@@ -8,8 +8,8 @@ python examples/16_backends.py
 import tempfile
 
 import rewriter
-from rewriter.families import ModelSpec
-from rewriter.instruments import Instrument
+from rewriter.pipeline.instruments import Instrument
+from rewriter.verify.families import ModelSpec
 
 config = ModelSpec("gpt2", vocab=64, layers=1, heads=2, head_dim=16, seed=0)
 model = config.build()

@@ -41,9 +41,9 @@ import torch.fx
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from rewriter.context import PassContext
-from rewriter.driver import ERASE, Rewriter, RuleSet, apply_rules, emit, rule
-from rewriter.pattern import Match, P
 from rewriter.pipeline import Pass, PassResult, option
+from rewriter.rewrite.driver import ERASE, Rewriter, RuleSet, apply_rules, emit, rule
+from rewriter.rewrite.pattern import Match, P
 
 __all__ = ["RULES_ATTENTION", "RULES_NOOPS", "RULES_NORMS", "CanonicalizePass"]
 

@@ -33,11 +33,8 @@ from typing import ClassVar
 import torch
 import torch.fx
 
-from rewriter.centering import center_writers, check_writers, layer_to_rms
-from rewriter.context import PassContext
-from rewriter.driver import Rewriter
-from rewriter.errors import PreconditionError, describe_node
-from rewriter.folding import (
+from rewriter.analysis.centering import center_writers, check_writers, layer_to_rms
+from rewriter.analysis.folding import (
     NormUnit,
     bias_fold_edit,
     ensure_bias,
@@ -45,10 +42,19 @@ from rewriter.folding import (
     norm_units,
     untie_for,
 )
-from rewriter.graph import LinearMap, as_linear, is_transparent, prune_dead_get_attrs, refresh_meta
+from rewriter.analysis.residual import Writer, find_stream
+from rewriter.context import PassContext
+from rewriter.errors import PreconditionError, describe_node
+from rewriter.ir.graph import (
+    LinearMap,
+    as_linear,
+    is_transparent,
+    prune_dead_get_attrs,
+    refresh_meta,
+)
+from rewriter.ir.store import Edit
 from rewriter.pipeline import Pass, PassResult, option
-from rewriter.store import Edit
-from rewriter.stream import Writer, find_stream
+from rewriter.rewrite.driver import Rewriter
 
 __all__ = ["PreCRMSNormPass"]
 

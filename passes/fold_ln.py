@@ -34,12 +34,12 @@ from typing import ClassVar
 import torch
 import torch.fx
 
+from rewriter.analysis.folding import NormUnit, fold_affine, linear_readers, norm_units, reader_key
 from rewriter.context import PassContext
-from rewriter.driver import Rewriter
 from rewriter.errors import describe_node
-from rewriter.folding import NormUnit, fold_affine, linear_readers, norm_units, reader_key
-from rewriter.graph import LinearMap, prune_dead_get_attrs
+from rewriter.ir.graph import LinearMap, prune_dead_get_attrs
 from rewriter.pipeline import Pass, PassResult
+from rewriter.rewrite.driver import Rewriter
 
 __all__ = ["FoldNormPass"]
 

@@ -62,11 +62,10 @@ from typing import Any, ClassVar, Literal
 import torch
 import torch.fx
 
+from rewriter.analysis.folding import NormUnit, norm_units
 from rewriter.context import PassContext, progress
-from rewriter.driver import Rewriter
 from rewriter.errors import RewriterError
-from rewriter.folding import NormUnit, norm_units
-from rewriter.graph import (
+from rewriter.ir.graph import (
     LinearMap,
     as_linear,
     copy_graph_module,
@@ -78,13 +77,14 @@ from rewriter.graph import (
     weight_name_for,
     with_outputs,
 )
-from rewriter.metrics import perplexity_of_ids
+from rewriter.ir.store import weights
 from rewriter.ops.norms import GAUSSIAN_FACTOR
 from rewriter.ops.quant import check_format, quantize_weight, shiftquant_linear_reference
 from rewriter.pipeline import Pass, PassResult, option
-from rewriter.spec import Budget
-from rewriter.store import weights
-from rewriter.train import logits_of
+from rewriter.pipeline.metrics import perplexity_of_ids
+from rewriter.pipeline.spec import Budget
+from rewriter.pipeline.train import logits_of
+from rewriter.rewrite.driver import Rewriter
 
 __all__ = ["L1QuantPass", "is_lm_head", "round_to_nearest_baseline"]
 

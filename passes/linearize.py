@@ -60,16 +60,16 @@ import torch.fx
 
 from rewriter.context import PassContext, progress
 from rewriter.deploy import STEP_KEY
-from rewriter.driver import PROVENANCE_KEY, Rewriter
 from rewriter.errors import RewriterError, describe_node
-from rewriter.graph import copy_graph_module, module_path, weight_name_for, with_outputs
-from rewriter.metrics import perplexity_of_ids
+from rewriter.ir.graph import copy_graph_module, module_path, weight_name_for, with_outputs
+from rewriter.ir.store import weights as weights_of
+from rewriter.ir.trace import trace_info
 from rewriter.ops.attention import state_size
 from rewriter.ops.deploy import FIRST_STATE_KIND
 from rewriter.pipeline import Pass, PassResult, option
-from rewriter.store import weights as weights_of
-from rewriter.trace import trace_info
-from rewriter.train import forward, train
+from rewriter.pipeline.metrics import perplexity_of_ids
+from rewriter.pipeline.train import forward, train
+from rewriter.rewrite.driver import PROVENANCE_KEY, Rewriter
 
 __all__ = ["LinearizePass"]
 

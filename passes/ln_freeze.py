@@ -43,16 +43,16 @@ from typing import Any, ClassVar, Literal
 import torch
 import torch.fx
 
+from rewriter.analysis.folding import NormUnit, norm_units
 from rewriter.context import PassContext, progress
-from rewriter.driver import Rewriter
 from rewriter.errors import RewriterError
-from rewriter.folding import NormUnit, norm_units
-from rewriter.graph import copy_graph_module, feed, module_path, weight_name_for, with_outputs
-from rewriter.metrics import perplexity_of_ids
+from rewriter.ir.graph import copy_graph_module, feed, module_path, weight_name_for, with_outputs
+from rewriter.ir.store import weights as rewriter_store
 from rewriter.pipeline import Pass, PassResult, option
-from rewriter.spec import Budget
-from rewriter.store import weights as rewriter_store
-from rewriter.train import causal_lm_loss, logits_of, train
+from rewriter.pipeline.metrics import perplexity_of_ids
+from rewriter.pipeline.spec import Budget
+from rewriter.pipeline.train import causal_lm_loss, logits_of, train
+from rewriter.rewrite.driver import Rewriter
 
 __all__ = ["FreezeNormPass"]
 

@@ -39,13 +39,13 @@ from typing import ClassVar, Literal
 import torch
 import torch.fx
 
-from rewriter.adapters import adapter_dtype, inject, own_weight
+from rewriter.analysis.adapters import adapter_dtype, inject, own_weight
 from rewriter.context import PassContext
-from rewriter.driver import Rewriter
 from rewriter.errors import PreconditionError, RewriterError
-from rewriter.graph import LinearMap, is_lm_head, linear_maps, module_path
+from rewriter.ir.graph import LinearMap, is_lm_head, linear_maps, module_path
+from rewriter.ir.store import Block, Edit
 from rewriter.pipeline import Pass, PassResult, option
-from rewriter.store import Block, Edit
+from rewriter.rewrite.driver import Rewriter
 
 __all__ = ["LoRAPass", "select_targets"]
 

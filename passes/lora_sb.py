@@ -21,14 +21,14 @@ import torch.fx
 from rewriter.passes.lora import select_targets
 from rewriter.passes.lora_xs import principal_factors
 
-from rewriter.adapters import adapter_dtype, inject
+from rewriter.analysis.adapters import adapter_dtype, inject
 from rewriter.context import PassContext, progress
-from rewriter.driver import Rewriter
 from rewriter.errors import PreconditionError
-from rewriter.graph import copy_graph_module, module_path
+from rewriter.ir.graph import copy_graph_module, module_path
+from rewriter.ir.trace import trace_info
 from rewriter.pipeline import Pass, PassResult, option
-from rewriter.trace import trace_info
-from rewriter.train import causal_lm_loss, forward, logits_of
+from rewriter.pipeline.train import causal_lm_loss, forward, logits_of
+from rewriter.rewrite.driver import Rewriter
 
 __all__ = ["LoRASBPass"]
 

@@ -19,12 +19,12 @@ import torch
 import torch.fx
 from rewriter.passes.lora import select_targets
 
-from rewriter.adapters import adapter_dtype, inject
+from rewriter.analysis.adapters import adapter_dtype, inject
 from rewriter.context import PassContext
-from rewriter.driver import Rewriter
 from rewriter.errors import PreconditionError
-from rewriter.graph import LinearMap, module_path
+from rewriter.ir.graph import LinearMap, module_path
 from rewriter.pipeline import Pass, PassResult, option
+from rewriter.rewrite.driver import Rewriter
 
 __all__ = ["LoRAXSPass", "principal_factors"]
 

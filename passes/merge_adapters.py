@@ -20,7 +20,7 @@ from typing import ClassVar
 import torch
 import torch.fx
 
-from rewriter.adapters import (
+from rewriter.analysis.adapters import (
     ADAPTERS_KEY,
     TRAIN_DROPOUT_KEY,
     AdapterRecord,
@@ -31,10 +31,10 @@ from rewriter.adapters import (
     records,
 )
 from rewriter.context import PassContext
-from rewriter.driver import Rewriter
 from rewriter.errors import PreconditionError, RewriterError
-from rewriter.graph import as_linear, linear_maps
+from rewriter.ir.graph import as_linear, linear_maps
 from rewriter.pipeline import Pass, PassResult, option
+from rewriter.rewrite.driver import Rewriter
 
 __all__ = ["MergeAdaptersPass", "MergedAdapter", "UnmergeAdaptersPass"]
 

@@ -26,12 +26,12 @@ import torch
 import torch.fx
 from rewriter.passes.lora import select_targets
 
-from rewriter.adapters import adapter_dtype, inject, nola_bases, nola_computed
+from rewriter.analysis.adapters import adapter_dtype, inject, nola_bases, nola_computed
 from rewriter.context import PassContext
-from rewriter.driver import Rewriter
 from rewriter.errors import RewriterError
-from rewriter.graph import module_path
+from rewriter.ir.graph import module_path
 from rewriter.pipeline import Pass, PassResult, option
+from rewriter.rewrite.driver import Rewriter
 
 __all__ = ["NOLAPass"]
 

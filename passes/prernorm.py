@@ -46,12 +46,12 @@ from typing import ClassVar
 import torch
 import torch.fx
 
-from rewriter.centering import center_writers, check_writers, layer_to_rms
+from rewriter.analysis.centering import center_writers, check_writers, layer_to_rms
+from rewriter.analysis.residual import find_stream
 from rewriter.context import PassContext
-from rewriter.driver import Rewriter
-from rewriter.graph import prune_dead_get_attrs
+from rewriter.ir.graph import prune_dead_get_attrs
 from rewriter.pipeline import Pass, PassResult, option
-from rewriter.stream import find_stream
+from rewriter.rewrite.driver import Rewriter
 
 __all__ = ["PreRMSNormPass"]
 

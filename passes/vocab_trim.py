@@ -37,14 +37,14 @@ from typing import Any, ClassVar, Literal
 import torch
 import torch.fx
 
-from rewriter import tokenizer_trim
+from rewriter.analysis.vocab import ID_MAP_KEY, VOCAB_KEY, VocabMap, VocabUse, analyze, vocab_map
 from rewriter.context import PassContext, is_text
-from rewriter.driver import Rewriter
-from rewriter.graph import refresh_meta
+from rewriter.io import tokenizer_trim
+from rewriter.ir.graph import refresh_meta
+from rewriter.ir.store import Block, Edit
+from rewriter.ir.trace import TRACE_INFO_KEY, trace_info
 from rewriter.pipeline import Pass, PassResult, option, refuse
-from rewriter.store import Block, Edit
-from rewriter.trace import TRACE_INFO_KEY, trace_info
-from rewriter.vocab import ID_MAP_KEY, VOCAB_KEY, VocabMap, VocabUse, analyze, vocab_map
+from rewriter.rewrite.driver import Rewriter
 
 __all__ = ["VocabTrimPass"]
 
@@ -254,7 +254,7 @@ class VocabTrimPass(Pass):
         rows: torch.Tensor,
     ) -> None:
         """The trace's example inputs in the new ids; the config renumbered (rebuilt mode)."""
-        from rewriter.vocab import translate_inputs
+        from rewriter.analysis.vocab import translate_inputs
 
         info = trace_info(gm)
         if info is None:

@@ -175,7 +175,7 @@ def _run_stream(args: argparse.Namespace) -> int:
     here (after the imports) and reported next to the largest tensor."""
     import rewriter
     from rewriter.errors import RewriterError
-    from rewriter.weightless import architecture
+    from rewriter.ir.weightless import architecture
 
     source = Path(args.model)
     if not source.is_dir() or not any(source.glob("*.safetensors")):
@@ -287,13 +287,13 @@ def _load_model(spec: str) -> _Loaded:
 
 
 def _refuse_remote_code(config: dict[str, Any], where: Path) -> None:
-    from rewriter.weightless import refuse_remote_code
+    from rewriter.ir.weightless import refuse_remote_code
 
     refuse_remote_code(config, where)
 
 
 def _model_class(config: Any) -> Any:
-    from rewriter.weightless import architecture
+    from rewriter.ir.weightless import architecture
 
     return architecture(config)[1]
 
@@ -341,8 +341,8 @@ def _load_config(path: Path) -> _Loaded:
 def _example_ids(loaded: _Loaded, seq: int) -> Any:
     import torch
 
-    from rewriter.metrics import encode
-    from rewriter.trace import max_positions
+    from rewriter.ir.trace import max_positions
+    from rewriter.pipeline.metrics import encode
 
     limit = max_positions(loaded.model)
     seq = min(seq, limit) if limit else seq

@@ -13,8 +13,8 @@ import hashlib
 import torch
 import torch.fx
 
-from rewriter.families import ModelSpec
-from rewriter.trace import trace
+from rewriter.ir.trace import trace
+from rewriter.verify.families import ModelSpec
 
 __all__ = ["TinyPreLN", "fingerprint", "graph_fingerprint", "op_samples", "traced"]
 

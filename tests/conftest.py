@@ -32,9 +32,9 @@ import torch
 from hypothesis import HealthCheck, Phase, settings
 from transformers import GenerationConfig, PretrainedConfig
 
-import rewriter.metrics
-from rewriter.families import ModelSpec
-from rewriter.vocab import vocab_map
+import rewriter.pipeline.metrics
+from rewriter.analysis.vocab import vocab_map
+from rewriter.verify.families import ModelSpec
 
 settings.register_profile(
     "ci",
@@ -351,7 +351,7 @@ def _export_memoized(plain):
     return _export_with_fixes
 
 
-_trace_module = importlib.import_module("rewriter.trace")
+_trace_module = importlib.import_module("rewriter.ir.trace")
 _trace_module._export_with_fixes = _export_memoized(_trace_module._export_with_fixes)
 
 

@@ -9,11 +9,11 @@ from hypothesis import strategies as st
 
 import rewriter
 from rewriter import verify, zoo
-from rewriter.adapters import records
+from rewriter.analysis.adapters import records
 from rewriter.errors import PassError
-from rewriter.families import ModelSpec
-from rewriter.graph import is_lm_head, linear_maps
+from rewriter.ir.graph import is_lm_head, linear_maps
 from rewriter.testing import fingerprint, graph_fingerprint
+from rewriter.verify.families import ModelSpec
 
 FAMILIES = ["gpt2", "opt", "llama", "bert"]
 
@@ -85,7 +85,7 @@ def test_every_method_merges_exactly(spec: ModelSpec, method: str) -> None:
 
 
 def test_nola_bases_are_seeded_and_stored_as_frozen_tensors() -> None:
-    from rewriter.adapters import nola_bases
+    from rewriter.analysis.adapters import nola_bases
 
     spec = ModelSpec("gpt2", layers=1, vocab=100)
     gm = rewriter.trace(spec.build(), spec.example_inputs(), dynamic_shapes="auto")
@@ -123,7 +123,7 @@ def test_targets_follow_peft_rules_and_errors_name_the_maps() -> None:
 
 
 def test_adapter_dropout_acts_only_while_training() -> None:
-    from rewriter.train import _switch_train_dropout
+    from rewriter.pipeline.train import _switch_train_dropout
 
     spec = ModelSpec("gpt2", layers=1, vocab=100)
     model = spec.build()
@@ -173,8 +173,8 @@ def test_lora_sb_starts_from_the_best_rank_r_first_update(family: str) -> None:
     # LoRA-SB's injected delta is the best rank-r approximation of -lr sign(g), g the gradient
     # of the next-token loss on the calibration batch, in the (out, in) orientation; the
     # reference gradient comes from the Hugging Face model, not from the pass's own copy.
-    from rewriter.adapters import delta_weight
-    from rewriter.train import causal_lm_loss
+    from rewriter.analysis.adapters import delta_weight
+    from rewriter.pipeline.train import causal_lm_loss
 
     spec = ModelSpec(family, layers=1, dtype=torch.float64, heads=2, head_dim=8, vocab=40)
     model = spec.build()

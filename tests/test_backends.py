@@ -15,7 +15,7 @@ from rewriter.backends.base import Backend, Exported, Measurement
 
 import rewriter
 from rewriter import backends
-from rewriter.families import ModelSpec
+from rewriter.verify.families import ModelSpec
 
 
 @pytest.fixture(scope="module")

@@ -10,10 +10,10 @@ from torch import nn
 
 import rewriter
 from rewriter import verify
-from rewriter.driver import Rewriter, apply_rules
-from rewriter.families import FAMILIES, ModelSpec
-from rewriter.graph import format_graph, op_counts
+from rewriter.ir.graph import format_graph, op_counts
+from rewriter.rewrite.driver import Rewriter, apply_rules
 from rewriter.testing import fingerprint, traced
+from rewriter.verify.families import FAMILIES, ModelSpec
 
 CANONICALIZE = rewriter.Pipeline.parse("canonicalize")
 

@@ -7,7 +7,7 @@ import sys
 
 import rewriter
 from rewriter.cli import main
-from rewriter.families import ModelSpec
+from rewriter.verify.families import ModelSpec
 
 
 def test_passes_lists_names_docs_and_options(capsys) -> None:
@@ -81,7 +81,7 @@ def test_run_from_a_config_file_and_a_factory(tmp_path) -> None:
         == 0
     )
     (tmp_path / "my_models.py").write_text(
-        "from rewriter.families import ModelSpec\n"
+        "from rewriter.verify.families import ModelSpec\n"
         "def small():\n    return ModelSpec('opt', layers=1).build()\n"
     )
     sys.path.insert(0, str(tmp_path))

@@ -15,7 +15,7 @@ import torch
 import rewriter
 from rewriter.testing import TinyPreLN
 
-_export = importlib.import_module("rewriter.trace")._export_with_fixes
+_export = importlib.import_module("rewriter.ir.trace")._export_with_fixes
 _ids = torch.tensor([[1, 2, 3, 4], [5, 6, 7, 8]])
 
 

@@ -9,9 +9,9 @@ from hypothesis import given, settings
 import rewriter
 from rewriter import verify
 from rewriter.errors import PassError
-from rewriter.families import ModelSpec
-from rewriter.graph import format_graph, op_counts
+from rewriter.ir.graph import format_graph, op_counts
 from rewriter.testing import TinyPreLN, fingerprint, graph_fingerprint, traced
+from rewriter.verify.families import ModelSpec
 
 PRE_LN = ["gpt2", "opt", "gpt_neox", "bloom", "tenc"]
 

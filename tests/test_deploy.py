@@ -10,7 +10,7 @@ import torch
 
 import rewriter
 from rewriter import deploy, verify, vocab, zoo
-from rewriter.families import ModelSpec
+from rewriter.verify.families import ModelSpec
 
 
 def _hf_greedy(model, ids, mask, new: int, eos: int | None = None) -> torch.Tensor:

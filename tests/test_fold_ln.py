@@ -8,10 +8,10 @@ from hypothesis import given, settings
 
 import rewriter
 from rewriter import verify
-from rewriter.families import FAMILIES, ModelSpec
-from rewriter.folding import norm_units
-from rewriter.graph import format_graph, op_counts
+from rewriter.analysis.folding import norm_units
+from rewriter.ir.graph import format_graph, op_counts
 from rewriter.testing import TinyPreLN, fingerprint, traced
+from rewriter.verify.families import FAMILIES, ModelSpec
 
 aten = torch.ops.aten
 

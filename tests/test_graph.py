@@ -7,9 +7,7 @@ import torch
 from torch import nn
 
 import rewriter
-from rewriter.driver import Rewriter
-from rewriter.families import ModelSpec
-from rewriter.graph import (
+from rewriter.ir.graph import (
     as_linear,
     copy_graph_module,
     format_graph,
@@ -22,7 +20,9 @@ from rewriter.graph import (
     transparent_users,
     weight_name_for,
 )
+from rewriter.rewrite.driver import Rewriter
 from rewriter.testing import traced
+from rewriter.verify.families import ModelSpec
 
 aten = torch.ops.aten
 

@@ -15,7 +15,7 @@ import torch
 
 import rewriter
 from rewriter.errors import LoweringError
-from rewriter.families import ModelSpec
+from rewriter.verify.families import ModelSpec
 
 pytestmark = pytest.mark.skipif(
     shutil.which("g++") is None or importlib.util.find_spec("hls4ml") is None,

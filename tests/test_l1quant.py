@@ -11,11 +11,11 @@ from rewriter.passes.l1quant import is_lm_head, round_to_nearest_baseline
 import rewriter
 from rewriter import zoo
 from rewriter.errors import PassError
-from rewriter.families import ModelSpec
-from rewriter.graph import linear_maps, op_counts
-from rewriter.metrics import perplexity_of_ids
+from rewriter.ir.graph import linear_maps, op_counts
 from rewriter.ops import quant
+from rewriter.pipeline.metrics import perplexity_of_ids
 from rewriter.testing import fingerprint, graph_fingerprint, traced
+from rewriter.verify.families import ModelSpec
 
 SHIFTQUANT = "rewriter.shiftquant_linear.default"
 L1 = "rewriter.l1_norm.default"

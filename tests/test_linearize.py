@@ -8,11 +8,11 @@ import torch
 import rewriter
 from rewriter import zoo
 from rewriter.errors import PassError
-from rewriter.families import ModelSpec
-from rewriter.graph import op_counts
-from rewriter.metrics import perplexity_of_ids
+from rewriter.ir.graph import op_counts
 from rewriter.ops import attention as A
+from rewriter.pipeline.metrics import perplexity_of_ids
 from rewriter.testing import fingerprint, graph_fingerprint, traced
+from rewriter.verify.families import ModelSpec
 
 LINEAR = "rewriter.linear_attention.default"
 SDPA = "aten.scaled_dot_product_attention.default"

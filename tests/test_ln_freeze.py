@@ -8,7 +8,7 @@ import torch
 import rewriter
 from rewriter import zoo
 from rewriter.errors import PassError
-from rewriter.graph import op_counts
+from rewriter.ir.graph import op_counts
 from rewriter.testing import fingerprint, graph_fingerprint
 
 pytestmark = pytest.mark.skipif(

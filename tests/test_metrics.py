@@ -7,9 +7,9 @@ import math
 import torch
 
 import rewriter
-from rewriter.families import ModelSpec
-from rewriter.metrics import bigram_perplexity, perplexity_of_ids, windows
+from rewriter.pipeline.metrics import bigram_perplexity, perplexity_of_ids, windows
 from rewriter.testing import traced
+from rewriter.verify.families import ModelSpec
 
 
 class Uniform(torch.nn.Module):

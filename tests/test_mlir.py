@@ -12,7 +12,7 @@ import torch
 
 import rewriter
 from rewriter.errors import LoweringError
-from rewriter.families import ModelSpec
+from rewriter.verify.families import ModelSpec
 
 pytestmark = pytest.mark.skipif(
     importlib.util.find_spec("torch_mlir") is None, reason="torch-mlir is not installed"

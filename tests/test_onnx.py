@@ -7,8 +7,8 @@ import torch
 
 import rewriter
 from rewriter.errors import LoweringError
-from rewriter.families import FAMILIES, ModelSpec
 from rewriter.testing import traced
+from rewriter.verify.families import FAMILIES, ModelSpec
 
 pytest.importorskip("onnxruntime", reason="onnxruntime is not installed")
 onnx = pytest.importorskip("onnx", reason="onnx is not installed")

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 import rewriter
 from rewriter import ops
 from rewriter.errors import LoweringError
-from rewriter.graph import copy_graph_module, op_counts
+from rewriter.ir.graph import copy_graph_module, op_counts
 
 crms = torch.ops.rewriter.crms_norm.default
 

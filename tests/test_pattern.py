@@ -8,9 +8,17 @@ import torch
 from torch import nn
 
 import rewriter
-from rewriter.driver import ERASE, PROVENANCE_KEY, Rewriter, RuleSet, apply_rules, emit, rule
-from rewriter.graph import format_graph, op_counts
-from rewriter.pattern import P
+from rewriter.ir.graph import format_graph, op_counts
+from rewriter.rewrite.driver import (
+    ERASE,
+    PROVENANCE_KEY,
+    Rewriter,
+    RuleSet,
+    apply_rules,
+    emit,
+    rule,
+)
+from rewriter.rewrite.pattern import P
 
 aten = torch.ops.aten
 

@@ -12,12 +12,12 @@ from rewriter.passes import get_pass
 
 import rewriter
 from rewriter import Budget, Pass, PassContext, PassResult, Pipeline, option
-from rewriter.driver import Rewriter
 from rewriter.errors import PassError, PreconditionError, SpecError
-from rewriter.families import ModelSpec
-from rewriter.graph import format_graph
-from rewriter.spec import parse_pipeline
+from rewriter.ir.graph import format_graph
+from rewriter.pipeline.spec import parse_pipeline
+from rewriter.rewrite.driver import Rewriter
 from rewriter.testing import fingerprint, graph_fingerprint, traced
+from rewriter.verify.families import ModelSpec
 
 aten = torch.ops.aten
 
@@ -247,7 +247,12 @@ def test_new_tensors_keep_the_model_dtype_and_device(spec: str) -> None:
 
 
 def test_instruments_see_every_pass_add_metrics_and_can_adapt_the_context() -> None:
-    from rewriter.instruments import Instrument, Perplexity, Vocabulary, default_instruments
+    from rewriter.pipeline.instruments import (
+        Instrument,
+        Perplexity,
+        Vocabulary,
+        default_instruments,
+    )
 
     _, gm = traced(ModelSpec("gpt2"))
     calls: list[str] = []

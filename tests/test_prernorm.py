@@ -11,11 +11,11 @@ from hypothesis import given, settings
 
 import rewriter
 from rewriter import verify
+from rewriter.analysis.residual import find_stream
 from rewriter.errors import PassError
-from rewriter.families import ModelSpec
-from rewriter.graph import copy_graph_module, format_graph, op_counts
-from rewriter.stream import find_stream
+from rewriter.ir.graph import copy_graph_module, format_graph, op_counts
 from rewriter.testing import TinyPreLN, fingerprint, graph_fingerprint, traced
+from rewriter.verify.families import ModelSpec
 
 aten = torch.ops.aten
 PRE_LN = ["gpt2", "opt", "gpt_neox", "bloom", "tenc"]
@@ -234,14 +234,14 @@ def _caught(monkeypatch, target: str, replacement: object, spec: ModelSpec) -> N
 def test_mistake_centering_a_tied_embedding_in_place(monkeypatch) -> None:
     _caught(
         monkeypatch,
-        "rewriter.centering.untie_for",
+        "rewriter.analysis.centering.untie_for",
         lambda rw, node, users: node,
         ModelSpec("gpt2", tied=True, outliers=True),
     )
 
 
 def test_mistake_centering_conv1d_as_if_it_were_linear(monkeypatch) -> None:
-    import rewriter.centering as centering
+    import rewriter.analysis.centering as centering
 
     original = centering._center_linear
 
@@ -256,7 +256,7 @@ def test_mistake_centering_conv1d_as_if_it_were_linear(monkeypatch) -> None:
 
     _caught(
         monkeypatch,
-        "rewriter.centering._center_linear",
+        "rewriter.analysis.centering._center_linear",
         as_linear_layout,
         ModelSpec("gpt2", outliers=True),
     )
@@ -265,14 +265,14 @@ def test_mistake_centering_conv1d_as_if_it_were_linear(monkeypatch) -> None:
 def test_mistake_skipping_bloom_explicit_centering(monkeypatch) -> None:
     _caught(
         monkeypatch,
-        "rewriter.centering._center_explicitly",
+        "rewriter.analysis.centering._center_explicitly",
         lambda rw, writer: writer.node,
         ModelSpec("bloom", outliers=True),
     )
 
 
 def test_mistake_not_centering_the_position_embedding(monkeypatch) -> None:
-    import rewriter.centering as centering
+    import rewriter.analysis.centering as centering
 
     original = centering._center_table
 
@@ -282,14 +282,14 @@ def test_mistake_not_centering_the_position_embedding(monkeypatch) -> None:
 
     _caught(
         monkeypatch,
-        "rewriter.centering._center_table",
+        "rewriter.analysis.centering._center_table",
         skip_positions,
         ModelSpec("gpt2", outliers=True),
     )
 
 
 def test_mistake_not_centering_the_biases(monkeypatch) -> None:
-    import rewriter.centering as centering
+    import rewriter.analysis.centering as centering
 
     original = centering._center_linear
 
@@ -303,7 +303,10 @@ def test_mistake_not_centering_the_biases(monkeypatch) -> None:
         )
 
     _caught(
-        monkeypatch, "rewriter.centering._center_linear", no_bias, ModelSpec("gpt2", outliers=True)
+        monkeypatch,
+        "rewriter.analysis.centering._center_linear",
+        no_bias,
+        ModelSpec("gpt2", outliers=True),
     )
 
 

@@ -14,9 +14,9 @@ import torch
 
 import rewriter
 from rewriter import verify
-from rewriter.adapters import records
-from rewriter.families import ModelSpec
-from rewriter.store import WeightStore
+from rewriter.analysis.adapters import records
+from rewriter.ir.store import WeightStore
+from rewriter.verify.families import ModelSpec
 
 BLOCK_BYTES = 256
 

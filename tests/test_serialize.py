@@ -11,8 +11,8 @@ import torch
 
 import rewriter
 from rewriter.errors import RewriterError
-from rewriter.families import ModelSpec
 from rewriter.testing import traced
+from rewriter.verify.families import ModelSpec
 
 CANONICALIZE = rewriter.Pipeline.parse("canonicalize")
 

@@ -6,9 +6,9 @@ import pytest
 import torch
 
 import rewriter
-from rewriter.families import ModelSpec
-from rewriter.graph import copy_graph_module
-from rewriter.store import Edit, ModuleStore, weights
+from rewriter.ir.graph import copy_graph_module
+from rewriter.ir.store import Edit, ModuleStore, weights
+from rewriter.verify.families import ModelSpec
 
 
 def _gpt2(tied: bool = True) -> torch.fx.GraphModule:

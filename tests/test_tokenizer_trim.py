@@ -30,7 +30,7 @@ from tokenizers import (
 
 from rewriter import zoo
 from rewriter.errors import RewriterError
-from rewriter.tokenizer_trim import (
+from rewriter.io.tokenizer_trim import (
     TokenizerTrimError,
     backend,
     close,

@@ -8,9 +8,9 @@ from torch import nn
 
 import rewriter
 from rewriter.errors import TraceError
-from rewriter.families import FAMILIES, ModelSpec
 from rewriter.testing import fingerprint
 from rewriter.verify import outputs
+from rewriter.verify.families import FAMILIES, ModelSpec
 
 HF_FAMILIES = [f for f in FAMILIES if f != "tenc"]
 

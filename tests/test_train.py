@@ -7,9 +7,9 @@ import torch
 
 import rewriter
 from rewriter.errors import RewriterError
-from rewriter.families import ModelSpec
-from rewriter.graph import copy_graph_module
+from rewriter.ir.graph import copy_graph_module
 from rewriter.testing import graph_fingerprint, traced
+from rewriter.verify.families import ModelSpec
 
 
 def _batches(spec: ModelSpec, count: int = 4) -> list[torch.Tensor]:

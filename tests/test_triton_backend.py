@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import rewriter
-from rewriter.families import ModelSpec
+from rewriter.verify.families import ModelSpec
 
 pytestmark = pytest.mark.skipif(
     torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"),

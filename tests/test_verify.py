@@ -9,9 +9,9 @@ from hypothesis import strategies as st
 
 import rewriter
 from rewriter import verify
-from rewriter.families import FAMILIES, ModelSpec
-from rewriter.graph import copy_graph_module
+from rewriter.ir.graph import copy_graph_module
 from rewriter.testing import traced
+from rewriter.verify.families import FAMILIES, ModelSpec
 
 
 def test_the_tolerance_rule() -> None:

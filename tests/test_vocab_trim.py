@@ -11,10 +11,10 @@ from hypothesis import strategies as st
 import rewriter
 from rewriter import verify, vocab, zoo
 from rewriter.errors import PassError, PreconditionError
-from rewriter.families import ModelSpec
-from rewriter.graph import get_tensor
-from rewriter.metrics import perplexity_of_ids
+from rewriter.ir.graph import get_tensor
+from rewriter.pipeline.metrics import perplexity_of_ids
 from rewriter.testing import graph_fingerprint, traced
+from rewriter.verify.families import ModelSpec
 
 FAMILIES = ("gpt2", "opt", "llama", "bert")
 

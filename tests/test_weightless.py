@@ -12,9 +12,9 @@ import torch
 
 import rewriter
 from rewriter import vocab
+from rewriter.analysis.residual import find_stream
 from rewriter.errors import PassError, RewriterError
-from rewriter.graph import is_weightless
-from rewriter.stream import find_stream
+from rewriter.ir.graph import is_weightless
 
 LLAMA = {
     "model_type": "llama",

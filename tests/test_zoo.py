@@ -10,7 +10,7 @@ import torch
 
 import rewriter
 from rewriter import zoo
-from rewriter.metrics import perplexity
+from rewriter.pipeline.metrics import perplexity
 
 pytestmark = pytest.mark.skipif(
     not (zoo.DATA / "model.safetensors").exists(), reason="the embedded model has not been built"

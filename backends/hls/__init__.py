@@ -35,7 +35,7 @@ from rewriter.backends.hls.resources import estimate
 
 from rewriter import ops
 from rewriter.errors import LoweringError
-from rewriter.graph import copy_graph_module, node_values
+from rewriter.ir.graph import copy_graph_module, node_values
 
 __all__ = [
     "FixedType",

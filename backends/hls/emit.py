@@ -21,7 +21,7 @@ import torch.fx
 from rewriter.backends.hls.precision import FixedType, Precision
 
 from rewriter.errors import LoweringError
-from rewriter.graph import input_dependent, module_path, node_values
+from rewriter.ir.graph import input_dependent, module_path, node_values
 
 aten = torch.ops.aten
 TABLE_POINTS = 1024

@@ -183,7 +183,7 @@ def decompose(
     """
     from torch.fx.experimental.proxy_tensor import make_fx
 
-    from rewriter.driver import Rewriter
+    from rewriter.rewrite.driver import Rewriter
 
     targets = {n: OPS[n] for n in (names if names is not None else OPS)}
     rw = Rewriter(gm, pass_name="decompose")
@@ -202,7 +202,7 @@ def decompose(
 def _inline_decomposition(
     rw: object, node: torch.fx.Node, contract: OpContract, make_fx: Callable
 ) -> None:
-    from rewriter.driver import Rewriter
+    from rewriter.rewrite.driver import Rewriter
 
     assert isinstance(rw, Rewriter)
     # Tensor arguments, flattened: a node, or a node inside a list argument (a state list).

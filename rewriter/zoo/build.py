@@ -287,7 +287,7 @@ def measure(out: Path = DATA) -> dict[str, float | int]:
     text through the tokenizer), so the recorded number is what users measure.
     """
     from rewriter import zoo
-    from rewriter.metrics import bigram_perplexity, encode, perplexity
+    from rewriter.pipeline.metrics import bigram_perplexity, encode, perplexity
 
     model, tokenizer = zoo.tiny_gpt2(data=out)
     text = (out / "eval.txt").read_text(encoding="utf-8")

@@ -11,7 +11,7 @@ import torch
 
 import rewriter
 from rewriter import deploy, verify
-from rewriter.families import ModelSpec
+from rewriter.verify.families import ModelSpec
 
 
 @pytest.fixture(scope="module")

@@ -15,9 +15,9 @@ import torch
 import torch.fx
 import torch.nn.functional as F
 
-from rewriter.graph import feed
-from rewriter.trace import max_positions, trace_info
-from rewriter.train import logits_of
+from rewriter.ir.graph import feed
+from rewriter.ir.trace import max_positions, trace_info
+from rewriter.pipeline.train import logits_of
 
 __all__ = ["bigram_perplexity", "encode", "perplexity", "perplexity_of_ids", "windows"]
 
@@ -67,7 +67,7 @@ def perplexity_of_ids(
     renormalizes the model's distribution over those ids only: the original model's perplexity
     as a graph trimmed to ``over`` would see it.
     """
-    from rewriter.vocab import vocab_map
+    from rewriter.analysis.vocab import vocab_map
 
     context = context or _context_of(model)
     if max_tokens is not None:

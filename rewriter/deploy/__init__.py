@@ -32,11 +32,11 @@ import torch
 import torch.fx
 
 from rewriter.errors import RewriterError, TraceError
-from rewriter.graph import get_tensor, positions, set_tensor
-from rewriter.metrics import encode
+from rewriter.ir.graph import get_tensor, positions, set_tensor
+from rewriter.ir.trace import TRACE_INFO_KEY, trace, trace_info
 from rewriter.ops.contract import arguments
 from rewriter.ops.deploy import CACHE_KINDS, FIRST_STATE_KIND, cache_point, step_part
-from rewriter.trace import TRACE_INFO_KEY, trace, trace_info
+from rewriter.pipeline.metrics import encode
 
 __all__ = [
     "STEP_KEY",
@@ -171,7 +171,7 @@ class CausalLMGraphs:
 
     @property
     def vocab(self) -> Any:
-        from rewriter.vocab import vocab_map
+        from rewriter.analysis.vocab import vocab_map
 
         return vocab_map(self.prefill)
 

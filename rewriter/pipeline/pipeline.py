@@ -29,13 +29,14 @@ from typing import Any, ClassVar
 import torch
 import torch.fx
 
-from rewriter import verify, vocab
+from rewriter import verify
+from rewriter.analysis import vocab
 from rewriter.context import PassContext
 from rewriter.errors import PassError, PreconditionError, RewriterError, SpecError
-from rewriter.graph import copy_graph_module, format_graph, is_weightless
-from rewriter.instruments import Instrument, default_instruments
-from rewriter.spec import Budget, ParsedStep, parse_pipeline
-from rewriter.trace import trace_info
+from rewriter.ir.graph import copy_graph_module, format_graph, is_weightless
+from rewriter.ir.trace import trace_info
+from rewriter.pipeline.instruments import Instrument, default_instruments
+from rewriter.pipeline.spec import Budget, ParsedStep, parse_pipeline
 
 __all__ = [
     "OptionInfo",

@@ -30,7 +30,7 @@ import torch
 import torch.fx
 
 from rewriter.errors import PreconditionError, describe_node
-from rewriter.graph import LinearMap, is_metadata_reader, is_transparent, linear_maps
+from rewriter.ir.graph import LinearMap, is_metadata_reader, is_transparent, linear_maps
 
 __all__ = ["NORM_OPS", "ResidualStream", "Writer", "find_stream", "norm_width", "norms_of_width"]
 

@@ -28,9 +28,9 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.fx
 
-from rewriter import vocab
+from rewriter.analysis import vocab
 from rewriter.context import PassContext, is_text
-from rewriter.graph import is_weightless
+from rewriter.ir.graph import is_weightless
 
 if TYPE_CHECKING:
     from rewriter.pipeline import Pass, PassRecord, PipelineResult
@@ -111,7 +111,7 @@ class Perplexity(Instrument):
     def measure(self, gm: torch.fx.GraphModule) -> dict[str, float]:
         if self.ids is None:
             return {}
-        from rewriter.metrics import perplexity_of_ids
+        from rewriter.pipeline.metrics import perplexity_of_ids
 
         ids = self._ids_for(vocab.vocab_map(gm))
         if ids is None:

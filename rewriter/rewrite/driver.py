@@ -28,9 +28,9 @@ from typing import Any
 import torch
 import torch.fx
 
-from rewriter.graph import fake_mode_of, propagate_node, prune_dead_get_attrs
-from rewriter.pattern import Match, Pattern
-from rewriter.store import Edit, ModuleStore, WeightStore, weights
+from rewriter.ir.graph import fake_mode_of, propagate_node, prune_dead_get_attrs
+from rewriter.ir.store import Edit, ModuleStore, WeightStore, weights
+from rewriter.rewrite.pattern import Match, Pattern
 
 __all__ = [
     "ERASE",

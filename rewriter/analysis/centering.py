@@ -13,12 +13,12 @@ from __future__ import annotations
 import torch
 import torch.fx
 
-from rewriter.driver import Rewriter
+from rewriter.analysis.folding import reader_key, untie_for
+from rewriter.analysis.residual import NORM_OPS, ResidualStream, Writer
 from rewriter.errors import PreconditionError, describe_node
-from rewriter.folding import reader_key, untie_for
-from rewriter.graph import is_metadata_reader
-from rewriter.store import Edit
-from rewriter.stream import NORM_OPS, ResidualStream, Writer
+from rewriter.ir.graph import is_metadata_reader
+from rewriter.ir.store import Edit
+from rewriter.rewrite.driver import Rewriter
 
 __all__ = ["center_writers", "check_writers", "layer_to_rms"]
 

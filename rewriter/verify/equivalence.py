@@ -44,10 +44,10 @@ from hypothesis import strategies as st
 from hypothesis.control import current_build_context
 from torch.utils import _pytree as pytree
 
-from rewriter import vocab
-from rewriter.families import FAMILIES, Choices, ModelSpec
-from rewriter.graph import look_back
-from rewriter.trace import TraceInfo, eval_mode, trace_info
+from rewriter.analysis import vocab
+from rewriter.ir.graph import look_back
+from rewriter.ir.trace import TraceInfo, eval_mode, trace_info
+from rewriter.verify.families import FAMILIES, Choices, ModelSpec
 
 __all__ = [
     "ErrorReport",

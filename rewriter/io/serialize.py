@@ -26,10 +26,10 @@ import torch.fx
 from torch.export import Dim
 from torch.utils import _pytree as pytree
 
+from rewriter.analysis.vocab import VOCAB_KEY, VocabMap, vocab_map
 from rewriter.errors import RewriterError
-from rewriter.trace import TRACE_INFO_KEY, TraceInfo, _plain_graph_module, trace_info
+from rewriter.ir.trace import TRACE_INFO_KEY, TraceInfo, _plain_graph_module, trace_info
 from rewriter.verify import ErrorReport
-from rewriter.vocab import VOCAB_KEY, VocabMap, vocab_map
 
 __all__ = ["load", "save", "save_pretrained"]
 
@@ -122,7 +122,7 @@ def _vocab_to_json(vmap: VocabMap | None) -> dict[str, Any] | None:
         "tokenizer": None,
     }
     if vmap.tokenizer is not None:
-        from rewriter.tokenizer_trim import backend
+        from rewriter.io.tokenizer_trim import backend
 
         specials = getattr(vmap.tokenizer, "special_tokens_map", None)
         data["tokenizer"] = {
@@ -158,7 +158,7 @@ def _vocab_from_json(data: dict[str, Any] | None) -> VocabMap | None:
 
 def _with_serializable_outputs(gm: torch.fx.GraphModule) -> tuple[torch.fx.GraphModule, Any]:
     """A copy whose output spec uses only serializable containers, and the original structure."""
-    from rewriter.graph import copy_graph_module
+    from rewriter.ir.graph import copy_graph_module
 
     spec = gm.graph._codegen.pytree_info.out_spec  # type: ignore[attr-defined]
     copy = copy_graph_module(gm)

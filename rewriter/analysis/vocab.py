@@ -26,7 +26,7 @@ import torch.fx
 import rewriter.ops  # noqa: F401 - the marker ops named below
 from rewriter.context import is_text
 from rewriter.errors import PreconditionError
-from rewriter.graph import as_linear, is_metadata_reader, is_transparent
+from rewriter.ir.graph import as_linear, is_metadata_reader, is_transparent
 
 __all__ = [
     "ID_MAP_KEY",

@@ -24,9 +24,9 @@ import torch.nn.functional as F
 
 from rewriter.context import progress
 from rewriter.errors import RewriterError
-from rewriter.graph import feed
-from rewriter.store import ModuleStore
-from rewriter.trace import trace_info
+from rewriter.ir.graph import feed
+from rewriter.ir.store import ModuleStore
+from rewriter.ir.trace import trace_info
 from rewriter.verify import outputs
 
 __all__ = ["TrainReport", "causal_lm_loss", "forward", "logits_of", "train"]

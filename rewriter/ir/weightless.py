@@ -22,8 +22,8 @@ import torch
 import torch.fx
 
 from rewriter.errors import RewriterError
-from rewriter.graph import is_weightless
-from rewriter.trace import trace
+from rewriter.ir.graph import is_weightless
+from rewriter.ir.trace import trace
 
 __all__ = [
     "architecture",

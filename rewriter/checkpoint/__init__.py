@@ -43,8 +43,8 @@ import torch
 import torch.fx
 
 from rewriter.errors import PreconditionError, RewriterError
-from rewriter.graph import get_tensor, set_tensor
-from rewriter.store import (
+from rewriter.ir.graph import get_tensor, set_tensor
+from rewriter.ir.store import (
     STORE_KEY,
     Block,
     Edit,
@@ -531,7 +531,7 @@ def open_checkpoint(
     """Attach the safetensors checkpoint ``source`` to the weightless graph ``gm`` (in place):
     every tensor of the graph is matched by name (any alias of a tied tensor will do) and shape;
     buffers the checkpoint lacks are recomputed from the model's config."""
-    from rewriter.graph import is_weightless
+    from rewriter.ir.graph import is_weightless
 
     if not is_weightless(gm):
         raise PreconditionError(
@@ -587,8 +587,8 @@ def _computed_buffers(
 ) -> dict[str, torch.Tensor]:
     """Buffers a model computes in ``__init__`` (rotary ``inv_freq``): rebuilt by constructing
     the owning module again on the CPU from the model's config."""
-    from rewriter.trace import trace_info
-    from rewriter.weightless import architecture
+    from rewriter.ir.trace import trace_info
+    from rewriter.ir.weightless import architecture
 
     if config is None:
         info = trace_info(gm)
@@ -667,7 +667,7 @@ def write_checkpoint(
     written as they are. A tied tensor is written once; its other names are in the index
     (``metadata.aliases``), and :func:`bind` restores the tie.
     """
-    from rewriter.store import weights
+    from rewriter.ir.store import weights
 
     start_time = time.perf_counter()
     directory = Path(directory)
@@ -860,9 +860,9 @@ def rewrite_checkpoint(
     tensor) and, with ``save_graph``, the rewritten weightless graph as ``model.pt2``. Load the
     result with ``rewriter.load(out / "model.pt2", out)``."""
     from rewriter.context import PassContext
+    from rewriter.io.serialize import save
+    from rewriter.ir.weightless import trace_weightless
     from rewriter.pipeline import Pipeline
-    from rewriter.serialize import save
-    from rewriter.weightless import trace_weightless
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

@@ -19,11 +19,11 @@ from collections.abc import Sequence
 import torch
 import torch.fx
 
-from rewriter.driver import Rewriter
+from rewriter.analysis.residual import norm_width
 from rewriter.errors import describe_node
-from rewriter.graph import LinearMap, as_linear, look_back, transparent_users, weight_name_for
-from rewriter.store import Edit, ModuleStore
-from rewriter.stream import norm_width
+from rewriter.ir.graph import LinearMap, as_linear, look_back, transparent_users, weight_name_for
+from rewriter.ir.store import Edit, ModuleStore
+from rewriter.rewrite.driver import Rewriter
 
 __all__ = [
     "NormUnit",

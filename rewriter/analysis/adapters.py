@@ -32,10 +32,10 @@ from typing import Any
 import torch
 import torch.fx
 
-from rewriter.driver import Rewriter
-from rewriter.folding import untie_for
-from rewriter.graph import LinearMap, as_linear, linear_maps, module_path, weight_name_for
-from rewriter.store import Block, Edit
+from rewriter.analysis.folding import untie_for
+from rewriter.ir.graph import LinearMap, as_linear, linear_maps, module_path, weight_name_for
+from rewriter.ir.store import Block, Edit
+from rewriter.rewrite.driver import Rewriter
 
 __all__ = [
     "ADAPTERS_KEY",
@@ -246,7 +246,7 @@ def own_weight(rw: Rewriter, lin: LinearMap) -> LinearMap:
 
 def factor_values(gm: torch.fx.GraphModule, record: AdapterRecord) -> dict[str, torch.Tensor]:
     """The float64 factors ``A``, ``B`` (and ``R``) of an adapter, computed ones included."""
-    from rewriter.store import weights
+    from rewriter.ir.store import weights
 
     store = weights(gm)
     read = {role: store.read(name).to(torch.float64) for role, name in record.tensors.items()}
@@ -294,7 +294,7 @@ def save(gm: torch.fx.GraphModule, path: str) -> None:
 
     from safetensors.torch import save_file
 
-    from rewriter.store import weights
+    from rewriter.ir.store import weights
 
     store = weights(gm)
     tensors: dict[str, torch.Tensor] = {}
@@ -331,7 +331,7 @@ def load(gm: torch.fx.GraphModule, path: str) -> torch.fx.GraphModule:
 
     from safetensors import safe_open
 
-    from rewriter.graph import copy_graph_module, linear_maps
+    from rewriter.ir.graph import copy_graph_module, linear_maps
 
     with safe_open(path, framework="pt") as handle:
         metadata = handle.metadata() or {}
