@@ -1,6 +1,6 @@
 """Backends: lower a rewritten graph to a runtime and check it against the graph.
 
-One module or folder per backend, each with its full Python API (``rewriter.backends.onnx``,
+One subpackage per backend, each with its full Python API (``rewriter.backends.onnx``,
 ``.mlir``, ``.hls``, ``.triton``, loaded on first use) and one class implementing the shared
 interface :class:`~rewriter.backends.base.Backend` (export into a folder, check against the
 graph, measure; the ``rewriter::`` ops it lowers natively, the others through their ATen
@@ -37,10 +37,10 @@ _SUBMODULES = ("base", "hls", "mlir", "onnx", "triton")
 __all__ = ["BUILTIN", "available", "get_backend", "register_backend", *_SUBMODULES]
 
 BUILTIN: dict[str, str] = {
-    "onnx": "rewriter.backends.onnx:OnnxBackend",
-    "mlir": "rewriter.backends.mlir:MlirBackend",
-    "hls": "rewriter.backends.hls:HlsBackend",
-    "triton": "rewriter.backends.triton:TritonBackend",
+    "onnx": "rewriter.backends.onnx.backend:OnnxBackend",
+    "mlir": "rewriter.backends.mlir.backend:MlirBackend",
+    "hls": "rewriter.backends.hls.backend:HlsBackend",
+    "triton": "rewriter.backends.triton.backend:TritonBackend",
 }
 
 

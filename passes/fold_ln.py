@@ -34,7 +34,13 @@ from typing import ClassVar
 import torch
 import torch.fx
 
-from rewriter.analysis.folding import NormUnit, fold_affine, linear_readers, norm_units, reader_key
+from rewriter.analysis.folding import (
+    NormUnit,
+    fold_affine,
+    linear_readers,
+    norm_module_key,
+    norm_units,
+)
 from rewriter.context import PassContext
 from rewriter.errors import describe_node
 from rewriter.ir.graph import LinearMap, prune_dead_get_attrs
@@ -76,7 +82,7 @@ class FoldNormPass(Pass):
         # halves of a step graph) folds once into the weights its applications share.
         groups: dict[tuple[object, ...], list[tuple[NormUnit, list[LinearMap]]]] = {}
         for unit, readers in plans:
-            groups.setdefault(_module_key(unit, readers), []).append((unit, readers))
+            groups.setdefault(norm_module_key(unit, readers), []).append((unit, readers))
         for (unit, readers), *also in groups.values():
             fold_affine(rw, unit, readers, rule="fold-into-reader", also=also)
         rw.finish()
@@ -86,12 +92,6 @@ class FoldNormPass(Pass):
         if frozen:
             stats["frozen-norms-folded"] = frozen
         return PassResult(gm, changed=True, stats=stats, notes=notes)
-
-
-def _module_key(unit: NormUnit, readers: list[LinearMap]) -> tuple[object, ...]:
-    """Equal for applications of one norm module whose readers are one set of linear modules."""
-    tensors = tuple(str(t.target) if t is not None else None for t in (unit.gamma, unit.beta))
-    return (*tensors, unit.frozen, unit.centers, frozenset(reader_key(r) for r in readers))
 
 
 def _foldable_affine(unit: object) -> bool:

@@ -62,6 +62,7 @@ from typing import Any, ClassVar, Literal
 import torch
 import torch.fx
 
+from rewriter.analysis.canonicalize import canonicalize
 from rewriter.analysis.folding import NormUnit, norm_units
 from rewriter.context import PassContext, progress
 from rewriter.errors import RewriterError
@@ -119,7 +120,8 @@ class L1QuantPass(Pass):
 
     def run(self, gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
         self._check_options()
-        canonical = _canonicalize(gm, ctx) if self.norm == "l1" else False
+        # written-out norms (Llama's RMSNorm traces as pow / mean / rsqrt) become single ops first
+        canonical = canonicalize(gm).changed if self.norm == "l1" else False
         norms = [u for u in norm_units(gm, frozen=False) if u.kind in ("layer", "rms")]
         norms = norms if self.norm == "l1" else []
         targets = self._select_linears(gm) if self.bits else []
@@ -301,13 +303,6 @@ class L1QuantPass(Pass):
 
 
 # --- L1 norms ------------------------------------------------------------------------------------
-
-
-def _canonicalize(gm: torch.fx.GraphModule, ctx: PassContext) -> bool:
-    """Recognise written-out norms first (Llama's RMSNorm traces as pow / mean / rsqrt)."""
-    from rewriter.passes.canonicalize import CanonicalizePass
-
-    return CanonicalizePass().run(gm, ctx).changed
 
 
 def _sigma_over_mad(unit: NormUnit, x: torch.Tensor) -> torch.Tensor:
@@ -552,7 +547,7 @@ def round_to_nearest_baseline(
 
 
 def _linear_label(lin: LinearMap) -> str:
-    return module_path(lin.node) or lin.module
+    return lin.path
 
 
 def _norm_label(unit: NormUnit) -> str:

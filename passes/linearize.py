@@ -2,8 +2,9 @@
 
 Every attention of the graph, ``aten.scaled_dot_product_attention`` or written-out softmax
 attention (``canonicalize`` turns ``softmax(q k^T s + mask) v`` into the former; it runs first),
-becomes ``rewriter::linear_attention`` over per-head feature maps (math and the three execution
-forms: :mod:`rewriter.ops.attention`).
+becomes ``rewriter::linear_attention`` over per-head feature maps (the op:
+:mod:`rewriter.ops.attention`; its math and execution forms: :mod:`rewriter.ops.attention_forms`;
+finding the attentions and reading their masks: :mod:`rewriter.analysis.attention`).
 
 **Feature maps** (``feature_map``):
 
@@ -52,63 +53,42 @@ from __future__ import annotations
 import dataclasses
 import math
 import operator
-import re
 from typing import Any, ClassVar, Literal
 
 import torch
 import torch.fx
 
+from rewriter.analysis.attention import (
+    MASKED,
+    AttentionSite,
+    DecodeSite,
+    attention_mask,
+    classify_mask,
+    find_attention_sites,
+    key_mask_of,
+)
+from rewriter.analysis.canonicalize import canonicalize
 from rewriter.context import PassContext, progress
 from rewriter.deploy import STEP_KEY
 from rewriter.errors import RewriterError, describe_node
-from rewriter.ir.graph import copy_graph_module, module_path, weight_name_for, with_outputs
+from rewriter.ir.graph import copy_graph_module, weight_name_for, with_outputs
 from rewriter.ir.store import weights as weights_of
 from rewriter.ir.trace import trace_info
-from rewriter.ops.attention import state_size
+from rewriter.ops import OPS, arguments
+from rewriter.ops.attention_decode import state_size
 from rewriter.ops.deploy import FIRST_STATE_KIND
 from rewriter.pipeline import Pass, PassResult, option
 from rewriter.pipeline.metrics import perplexity_of_ids
 from rewriter.pipeline.train import forward, train
-from rewriter.rewrite.driver import PROVENANCE_KEY, Rewriter
+from rewriter.rewrite.driver import Rewriter
 
 __all__ = ["LinearizePass"]
 
 aten = torch.ops.aten
-SDPA = aten.scaled_dot_product_attention.default
-LINEAR_ATTENTION = torch.ops.rewriter.linear_attention.default
-ATTENTION_STATE = torch.ops.rewriter.linear_attention_state.default
-ATTENTION_DECODE = torch.ops.rewriter.linear_attention_decode.default
+LINEAR_ATTENTION = OPS["linear_attention"]
+ATTENTION_STATE = OPS["linear_attention_state"]
+ATTENTION_DECODE = OPS["linear_attention_decode"]
 CACHE_POINT = torch.ops.rewriter.cache_point.default
-MASKED = -1e30  # additive mask values at or below this mean "not attended"
-
-
-@dataclasses.dataclass
-class _Site:
-    """One attention node and what the pass learned about it."""
-
-    node: torch.fx.Node
-    label: str
-    layer: int
-    heads: int
-    kv_heads: int
-    head_dim: int
-    scale: float
-    causal: bool
-    mask_kind: str  # "none", "bool", "additive"
-    slopes: torch.Tensor | None = None  # ALiBi slopes read off the graph
-    decay: torch.Tensor | None = None  # the decay the rewrite gave it
-    cache_layer: int | None = None  # step graphs: the layer whose key/value cache it fills
-    parts: dict[str, Any] = dataclasses.field(default_factory=dict)  # nodes the rewrite made
-
-
-@dataclasses.dataclass
-class _DecodeSite:
-    """A step graph's last-token attention over ``cat(cache, new)``."""
-
-    node: torch.fx.Node
-    layer: int
-    key: torch.fx.Node  # the new token's key and value, [B, kv heads, 1, D]
-    value: torch.fx.Node
 
 
 @dataclasses.dataclass(frozen=True)
@@ -133,9 +113,7 @@ class LinearizePass(Pass):
     eps: float = option(1e-6, "Added to the normalizer.")
 
     def run(self, gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
-        from rewriter.passes.canonicalize import CanonicalizePass
-
-        CanonicalizePass().run(gm, ctx)  # written-out attention becomes SDPA
+        canonicalize(gm)  # written-out attention becomes SDPA
         sites, decodes = self._sites(gm)
         if not sites:
             return PassResult(gm, changed=False, notes=["no softmax attention to linearize"])
@@ -184,249 +162,47 @@ class LinearizePass(Pass):
         )
 
     # -- finding attention --
-    def _sites(self, gm: torch.fx.GraphModule) -> tuple[list[_Site], dict[int, _DecodeSite]]:
+    def _sites(self, gm: torch.fx.GraphModule) -> tuple[list[AttentionSite], dict[int, DecodeSite]]:
         """The attentions to linearize and, in a step graph, the decode attentions of their
         layers (by cache layer)."""
-        pattern = re.compile(self.layers)
-        found = [n for n in gm.graph.find_nodes(op="call_function", target=SDPA)]
-        step_graph = STEP_KEY in getattr(gm, "meta", {})
-        decodes: dict[int, _DecodeSite] = {}
-        sites = []
-        for node in found:
-            label = _attention_label(node)
-            if not pattern.fullmatch(label):
-                continue
-            decode = _decode_site(node) if step_graph else None
-            if decode is not None:
-                decodes[decode.layer] = decode
-                continue
-            site = _describe(node, label, len(sites), self.name)
-            site.cache_layer = _cached_layer(node.args[1]) if step_graph else None
-            sites.append(site)
-        if step_graph:
-            _pair(sites, decodes, self.name)
-        leftover = [
-            n
-            for n in gm.graph.nodes
-            if n.op == "call_function"
-            and n.target in (aten.softmax.int, aten._softmax.default)
-            and getattr(n.meta.get(PROVENANCE_KEY), "rule", "") != "feature-map"
-        ]
-        if leftover and len(found) == 0:
-            raise RewriterError(
-                f"pass '{self.name}': {describe_node(leftover[0])} computes attention weights in a "
-                "form canonicalize does not recognise (an additive bias inside baddbmm, as "
-                "BLOOM's ALiBi; or a softmax in a wider dtype): nothing was linearized"
-            )
-        if not sites and found and self.layers != ".*":
-            names = ", ".join(_attention_label(n) for n in found)
-            raise RewriterError(
-                f"pass '{self.name}': layers={self.layers!r} selects no attention (the graph's "
-                f"attentions: {names})"
-            )
-        return sites, decodes
+        return find_attention_sites(
+            gm,
+            self.layers,
+            step_graph=STEP_KEY in getattr(gm, "meta", {}),
+            pass_name=self.name,
+            ignore_rules=("feature-map",),  # the softmaxes of Hedgehog feature maps
+        )
 
     def _inspect_masks(
-        self, gm: torch.fx.GraphModule, sites: list[_Site], batches: list[torch.Tensor] | None
+        self,
+        gm: torch.fx.GraphModule,
+        sites: list[AttentionSite],
+        batches: list[torch.Tensor] | None,
     ) -> None:
         """Classify each mask on real inputs: causal-and-padding, padding only, or a bias."""
         masked = [s for s in sites if s.mask_kind != "none"]
         if not masked:
             return
         inputs = [batches[0]] if batches else [None]
-        probe = with_outputs(gm, [s.node.args[3] for s in masked])
+        probe = with_outputs(gm, [attention_mask(s.node) for s in masked])
         with torch.no_grad():
             values = _call(probe, inputs[0], gm)
         for site, mask in zip(masked, values):
-            _classify(site, mask, self)
-
-
-# --- analysis ------------------------------------------------------------------------------------
-
-
-def _attention_label(node: torch.fx.Node) -> str:
-    return module_path(node) or node.name
-
-
-def _describe(node: torch.fx.Node, label: str, index: int, pass_name: str) -> _Site:
-    args = list(node.args) + [None] * (8 - len(node.args))
-    q, k, _, mask, dropout = args[:5]
-    causal = bool(node.kwargs.get("is_causal", args[5] or False))
-    scale = node.kwargs.get("scale", args[6])
-    gqa = bool(node.kwargs.get("enable_gqa", args[7] or False))
-    dropout = node.kwargs.get("dropout_p", dropout or 0.0)
-    if dropout:
-        raise RewriterError(f"pass '{pass_name}': {describe_node(node)} has attention dropout")
-    qv, kv = q.meta["val"], k.meta["val"]
-    heads, head_dim = int(qv.shape[1]), int(qv.shape[-1])
-    kv_heads = int(kv.shape[1])
-    if kv_heads != heads and not gqa:
-        raise RewriterError(f"pass '{pass_name}': {describe_node(node)} has mismatched heads")
-    if mask is not None and causal:
-        raise RewriterError(
-            f"pass '{pass_name}': {describe_node(node)}: mask and is_causal both set"
-        )
-    kind = "none"
-    if mask is not None:
-        kind = "bool" if mask.meta["val"].dtype == torch.bool else "additive"
-    return _Site(
-        node=node,
-        label=label,
-        layer=index,
-        heads=heads,
-        kv_heads=kv_heads,
-        head_dim=head_dim,
-        scale=float(scale) if scale is not None else 1.0 / math.sqrt(head_dim),
-        causal=causal,
-        mask_kind=kind,
-    )
-
-
-_VIEWS = {
-    aten.reshape.default,
-    aten.view.default,
-    aten._unsafe_view.default,
-    aten.expand.default,
-    aten.unsqueeze.default,
-    aten.slice.Tensor,
-    aten.clone.default,
-    aten.contiguous.default,
-    aten.alias.default,
-}
-"""Ops between a cache and the attention that reads it (Hugging Face's ``repeat_kv``)."""
-
-
-def _cache_walk(node: Any) -> list[torch.fx.Node]:
-    """``node`` and what it views, up to the first op that is not a view."""
-    chain = []
-    while isinstance(node, torch.fx.Node):
-        chain.append(node)
-        if node.op != "call_function" or node.target not in _VIEWS:
-            break
-        node = node.args[0]
-    return chain
-
-
-def _cache_point_of(node: torch.fx.Node, kind: int) -> torch.fx.Node | None:
-    return next((u for u in node.users if u.target == CACHE_POINT and int(u.args[2]) == kind), None)
-
-
-def _cached_layer(key: torch.fx.Node) -> int | None:
-    """The cache layer whose keys are the attention's keys (a step graph's prefix)."""
-    for node in _cache_walk(key):
-        point = _cache_point_of(node, 0)
-        if point is not None:
-            return int(point.args[1])
-    return None
-
-
-def _decode_site(node: torch.fx.Node) -> _DecodeSite | None:
-    """``node`` as a decode attention: its keys and values ``cat(cache_point, new)``."""
-    found = []
-    for operand, kind in ((node.args[1], 0), (node.args[2], 1)):
-        cat = _cache_walk(operand)[-1]
-        if cat.target != aten.cat.default or len(cat.args[0]) != 2:
-            return None
-        cached, new = cat.args[0]
-        if cached.target != CACHE_POINT or int(cached.args[2]) != kind:
-            return None
-        found.append((int(cached.args[1]), new))
-    (layer, key), (value_layer, value) = found
-    if layer != value_layer:
-        raise RewriterError(
-            f"{describe_node(node)} reads the keys of cache layer {layer} with the values of "
-            f"layer {value_layer}"
-        )
-    return _DecodeSite(node, layer, key, value)
-
-
-def _pair(sites: list[_Site], decodes: dict[int, _DecodeSite], pass_name: str) -> None:
-    """Every selected prefix attention of a step graph needs its decode attention, and back."""
-    layers = {s.cache_layer for s in sites}
-    for site in sites:
-        if site.cache_layer is None or site.cache_layer not in decodes:
-            raise RewriterError(
-                f"pass '{pass_name}': {describe_node(site.node)} in a step graph has no decode "
-                "attention reading its cache (a pass changed the cache layout?)"
-            )
-    for layer in list(decodes):
-        if layer not in layers:
-            del decodes[layer]  # its prefix attention was not selected: it keeps its cache
-
-
-def _classify(site: _Site, mask: torch.Tensor, step: LinearizePass) -> None:
-    """Decide from a real mask value what the attention does; refuse what we cannot represent."""
-    where = describe_node(site.node)
-    if mask.dtype == torch.bool:
-        valid, bias = mask, None
-    else:
-        valid = mask > MASKED
-        bias = torch.where(valid, mask, torch.zeros_like(mask)).double()
-    length, keys = valid.shape[-2], valid.shape[-1]
-    tril = torch.ones(length, keys, dtype=torch.bool).tril(keys - length)
-    last_row = valid[..., -1:, :]
-    first_row = valid[..., :1, :]
-    if length == keys and torch.equal(valid, tril & last_row) and length > 1:
-        site.causal = True
-    elif torch.equal(valid, first_row.expand_as(valid)):
-        site.causal = False
-    else:
-        raise RewriterError(
-            f"pass '{step.name}': the mask of {where} is neither causal-and-padding nor padding "
-            "only (a sliding window or a custom pattern): linear attention cannot represent it"
-        )
-    if bias is None or not bias.abs().max().item():
-        return
-    # A real additive bias: ALiBi, -slope_h (t - i), is the only one a decay represents.
-    if step.decay != "alibi" or not site.causal:
-        raise RewriterError(
-            f"pass '{step.name}': {where} adds a position bias to the attention scores (ALiBi?); "
-            "linear attention drops it unless decay=alibi represents it"
-        )
-    site.slopes = _alibi_slopes(bias, valid, site, step.name)
-
-
-def _alibi_slopes(
-    bias: torch.Tensor, valid: torch.Tensor, site: _Site, pass_name: str
-) -> torch.Tensor:
-    """Per-head slopes of a bias that is ``-slope (t - i) + c_t`` on every visible entry."""
-    bias = bias.expand(bias.shape[0], site.heads, *bias.shape[-2:])
-    length = bias.shape[-1]
-    distance = (torch.arange(length).unsqueeze(1) - torch.arange(length).unsqueeze(0)).double()
-    # Softmax ignores a per-row constant: compare each row to its diagonal entry.
-    relative = bias - torch.diagonal(bias, dim1=-2, dim2=-1).unsqueeze(-1)
-    visible = valid.expand_as(bias) & (distance > 0)
-    slopes = []
-    for h in range(site.heads):
-        d = distance.expand_as(relative[:, h])[visible[:, h]]
-        r = relative[:, h][visible[:, h]]
-        slope = float(-(r * d).sum() / (d * d).sum()) if d.numel() else 0.0
-        if d.numel() and (r + slope * d).abs().max() > 1e-4 * (1 + abs(slope) * length):
-            raise RewriterError(
-                f"pass '{pass_name}': the bias of {describe_node(site.node)} is not ALiBi's "
-                "-slope (t - i) in head {h}: no decay represents it"
-            )
-        slopes.append(slope)
-    result = torch.tensor(slopes, dtype=torch.float64)
-    if (result < 0).any():
-        raise RewriterError(
-            f"pass '{pass_name}': the bias of {describe_node(site.node)} grows with distance"
-        )
-    return result
+            classify_mask(site, mask, alibi=self.decay == "alibi", pass_name=self.name)
 
 
 # --- the rewrite ---------------------------------------------------------------------------------
 
 
-def _lightning_decay(site: _Site, layers: int) -> torch.Tensor:
+def _lightning_decay(site: AttentionSite, layers: int) -> torch.Tensor:
     h = torch.arange(site.heads, dtype=torch.float64)
     return torch.exp(-(8.0 / site.heads) * (1 - site.layer / max(1, layers)) * h)
 
 
 def _replace(
     gm: torch.fx.GraphModule,
-    sites: list[_Site],
-    decodes: dict[int, _DecodeSite],
+    sites: list[AttentionSite],
+    decodes: dict[int, DecodeSite],
     step: LinearizePass,
 ) -> dict[str, dict[str, str]]:
     """Swap every site for linear attention (and, in a step graph, its decode attention for a
@@ -435,7 +211,8 @@ def _replace(
     params: dict[str, dict[str, str]] = {}
     for site in sites:
         node = site.node
-        q, k, v, mask = node.args[0], node.args[1], node.args[2], (list(node.args) + [None] * 4)[3]
+        sdpa = arguments(node)
+        q, k, v, mask = sdpa["query"], sdpa["key"], sdpa["value"], sdpa["attn_mask"]
         dtype = q.meta["val"].dtype
         k, v = _repeat_heads(rw, k, v, site, before=node)
         names: dict[str, str] = {}
@@ -459,25 +236,16 @@ def _replace(
             )
             names["window_factor"] = str(factor_node.target)
             gate = rw.call(aten.sigmoid.default, (factor_node,), before=node, rule="linearize")
-        args = (
-            q,
-            k,
-            v,
-            phi_q,
-            phi_k,
-            key_mask,
-            decay_node,
-            gate,
-            site.causal,
-            step.window,
-            site.scale,
-            step.eps,
+        site.parts = {"q": q, "k": k, "v": v, "phi_q": phi_q, "phi_k": phi_k}
+        site.parts |= {"key_mask": key_mask, "decay": decay_node, "window_gate": gate}
+        site.parts |= {"causal": site.causal, "window": step.window}
+        site.parts |= {"scale": site.scale, "eps": step.eps}
+        args = LINEAR_ATTENTION.positional(**site.parts)
+        new = rw.call(
+            LINEAR_ATTENTION.overload, args, before=node, rule="linearize", meta_from=node
         )
-        new = rw.call(LINEAR_ATTENTION, args, before=node, rule="linearize", meta_from=node)
         rw.replace(node, new, rule="linearize")
         site.node = new
-        site.parts = {"k": k, "v": v, "phi_k": phi_k, "key_mask": key_mask}
-        site.parts |= {"decay": decay_node, "gate": gate}
         params[site.label] = names
         if site.cache_layer is not None:
             _replace_decode(rw, site, decodes[site.cache_layer], step, names)
@@ -486,7 +254,7 @@ def _replace(
 
 
 def _repeat_heads(
-    rw: Rewriter, k: Any, v: Any, site: _Site, *, before: torch.fx.Node
+    rw: Rewriter, k: Any, v: Any, site: AttentionSite, *, before: torch.fx.Node
 ) -> tuple[Any, Any]:
     """GQA: keys and values repeated to the query heads (feature maps act per query head, as in
     LoLCATs); Hugging Face's ``repeat_kv`` order (each key head ``heads / kv_heads`` times)."""
@@ -500,14 +268,18 @@ def _repeat_heads(
 
 
 def _replace_decode(
-    rw: Rewriter, site: _Site, decode: _DecodeSite, step: LinearizePass, names: dict[str, str]
+    rw: Rewriter,
+    site: AttentionSite,
+    decode: DecodeSite,
+    step: LinearizePass,
+    names: dict[str, str],
 ) -> None:
     """The prefix's state becomes the cache; the decode attention runs one step from it."""
     node = decode.node
     parts = site.parts
-    state = rw.call(
-        ATTENTION_STATE,
-        (parts["k"], parts["v"], parts["phi_k"], parts["key_mask"], parts["decay"], step.window),
+    state = rw.call(  # the state op's arguments are the prefix attention's, by name
+        ATTENTION_STATE.overload,
+        ATTENTION_STATE.positional(**{name: parts[name] for name in ATTENTION_STATE.parameters}),
         before=node,
         rule="linearize-state",
         meta_from=site.node,
@@ -519,12 +291,12 @@ def _replace_decode(
         cached.append(
             rw.call(CACHE_POINT, (tensor, decode.layer, kind), before=node, rule="linearize-state")
         )
-    q = node.args[0]
+    sdpa = arguments(node)
+    q, mask = sdpa["query"], sdpa["attn_mask"]
     dtype = q.meta["val"].dtype
     k, v = _repeat_heads(rw, decode.key, decode.value, site, before=node)
     phi_q = _feature_map(rw, q, site, "q", step, dtype, names, before=node)
     phi_k = _feature_map(rw, k, site, "k", step, dtype, names, before=node)
-    mask = (list(node.args) + [None] * 4)[3]
     valid = None
     if mask is not None:  # the new key's column of the decode mask [B, 1|H, 1, P + 1]
         row = rw.call(aten.select.int, (mask, 1, 0), before=node, rule="key-mask")
@@ -532,21 +304,10 @@ def _replace_decode(
         valid = rw.call(aten.select.int, (row, 1, -1), before=node, rule="key-mask")
         if mask.meta["val"].dtype != torch.bool:
             valid = rw.call(aten.gt.Scalar, (valid, MASKED), before=node, rule="key-mask")
-    args = (
-        q,
-        k,
-        v,
-        phi_q,
-        phi_k,
-        valid,
-        parts["decay"],
-        parts["gate"],
-        cached,
-        step.window,
-        site.scale,
-        step.eps,
-    )
-    out = rw.call(ATTENTION_DECODE, args, before=node, rule="linearize", meta_from=node)
+    settings = {name: parts[name] for name in ("decay", "window_gate", "window", "scale", "eps")}
+    token = {"q": q, "k": k, "v": v, "phi_q": phi_q, "phi_k": phi_k, "key_valid": valid}
+    args = ATTENTION_DECODE.positional(**token, **settings, state=cached)
+    out = rw.call(ATTENTION_DECODE.overload, args, before=node, rule="linearize", meta_from=node)
     result = rw.call(operator.getitem, (out, 0), before=node, rule="linearize", meta_from=node)
     rw.replace(node, result, rule="linearize")
 
@@ -554,7 +315,7 @@ def _replace_decode(
 def _feature_map(
     rw: Rewriter,
     x: torch.fx.Node,
-    site: _Site,
+    site: AttentionSite,
     side: str,
     step: LinearizePass,
     dtype: torch.dtype,
@@ -585,7 +346,7 @@ def _feature_map(
     return rw.call(aten.cat.default, ([plus, minus], -1), before=node, rule="feature-map")
 
 
-def _key_mask(rw: Rewriter, mask: torch.fx.Node, site: _Site) -> torch.fx.Node:
+def _key_mask(rw: Rewriter, mask: torch.fx.Node, site: AttentionSite) -> torch.fx.Node:
     """The per-key mask ``[B, S]`` (True: attend) from a mask ``[B, 1|H, T, S]``: its last query
     row for causal masks (the one that sees every key), any row otherwise."""
     node = site.node
@@ -615,17 +376,16 @@ def _call(gm: torch.fx.GraphModule, batch: Any, source: torch.fx.GraphModule) ->
 
 def _record(
     gm: torch.fx.GraphModule,
-    sites: list[_Site],
+    sites: list[AttentionSite],
     batches: list[torch.Tensor] | None,
     ctx: PassContext,
 ) -> list[list[tuple[torch.Tensor, ...]]]:
     """Per site and batch: (q, k, v, key_mask, softmax output) from the original graph."""
     nodes: list[torch.fx.Node] = []
     for site in sites:
-        args = list(site.node.args) + [None] * 4
-        nodes.extend(
-            [args[0], args[1], args[2], site.node] + ([args[3]] if args[3] is not None else [])
-        )
+        sdpa = arguments(site.node)
+        mask = [sdpa["attn_mask"]] if sdpa["attn_mask"] is not None else []
+        nodes.extend([sdpa["query"], sdpa["key"], sdpa["value"], site.node, *mask])
     probe = with_outputs(gm, nodes)
     recorded: list[list[tuple[torch.Tensor, ...]]] = [[] for _ in sites]
     with torch.no_grad():
@@ -641,10 +401,7 @@ def _record(
                 values = values[4:]
                 key_mask = None
                 if site.mask_kind != "none":
-                    mask, values = values[0], values[1:]
-                    head = mask[:, 0]
-                    row = head[:, -1] if site.causal else head[:, 0]
-                    key_mask = row if row.dtype == torch.bool else row > MASKED
+                    key_mask, values = key_mask_of(values[0], site.causal), values[1:]
                 if site.kv_heads != site.heads:
                     repeat = site.heads // site.kv_heads
                     k, v = k.repeat_interleave(repeat, 1), v.repeat_interleave(repeat, 1)
@@ -655,7 +412,9 @@ def _record(
 class _Transfer(torch.nn.Module):
     """One attention's feature maps (and window gate) around the linear attention op."""
 
-    def __init__(self, site: _Site, step: LinearizePass, weights: dict[str, torch.Tensor]) -> None:
+    def __init__(
+        self, site: AttentionSite, step: LinearizePass, weights: dict[str, torch.Tensor]
+    ) -> None:
         super().__init__()
         self.feature_map_q = torch.nn.Parameter(weights["feature_map_q"].detach().clone())
         self.feature_map_k = torch.nn.Parameter(weights["feature_map_k"].detach().clone())
@@ -665,7 +424,8 @@ class _Transfer(torch.nn.Module):
             else None
         )
         self.decay = weights.get("decay")
-        self.settings = (site.causal, step.window, site.scale, step.eps)
+        self.settings = {"causal": site.causal, "window": step.window}
+        self.settings |= {"scale": site.scale, "eps": step.eps}
 
     @staticmethod
     def features(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -676,22 +436,24 @@ class _Transfer(torch.nn.Module):
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor | None
     ) -> torch.Tensor:
         gate = torch.sigmoid(self.window_factor) if self.window_factor is not None else None
-        return torch.ops.rewriter.linear_attention(
-            q,
-            k,
-            v,
-            self.features(q, self.feature_map_q),
-            self.features(k, self.feature_map_k),
-            key_mask,
-            self.decay,
-            gate,
-            *self.settings,
+        phi_q, phi_k = self.features(q, self.feature_map_q), self.features(k, self.feature_map_k)
+        args = LINEAR_ATTENTION.positional(
+            q=q,
+            k=k,
+            v=v,
+            phi_q=phi_q,
+            phi_k=phi_k,
+            key_mask=key_mask,
+            decay=self.decay,
+            window_gate=gate,
+            **self.settings,
         )
+        return LINEAR_ATTENTION.overload(*args)
 
 
 def _fit(
     gm: torch.fx.GraphModule,
-    sites: list[_Site],
+    sites: list[AttentionSite],
     params: dict[str, dict[str, str]],
     recorded: list[list[tuple[torch.Tensor, ...]]],
     step: LinearizePass,

@@ -43,7 +43,8 @@ from typing import Any, ClassVar, Literal
 import torch
 import torch.fx
 
-from rewriter.analysis.folding import NormUnit, norm_units
+from rewriter.analysis.canonicalize import canonicalize
+from rewriter.analysis.folding import NormUnit, norm_module_key, norm_units
 from rewriter.context import PassContext, progress
 from rewriter.errors import RewriterError
 from rewriter.ir.graph import copy_graph_module, feed, module_path, weight_name_for, with_outputs
@@ -94,9 +95,7 @@ class FreezeNormPass(Pass):
     )
 
     def run(self, gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
-        from rewriter.passes.canonicalize import CanonicalizePass
-
-        CanonicalizePass().run(gm, ctx)  # written-out norms (Llama's RMSNorm) become single ops
+        canonicalize(gm)  # written-out norms (Llama's RMSNorm) become single ops
         units = self._select(gm)
         if not units:
             return PassResult(
@@ -130,7 +129,7 @@ class FreezeNormPass(Pass):
                 for unit in progress(
                     units, total=len(units), description="ln-freeze: each norm", enabled=judge.show
                 ):
-                    alone = _frozen_copy(gm, members[_label(unit)], sigmas, self.name)
+                    alone = _frozen_copy(gm, members[norm_module_key(unit)], sigmas, self.name)
                     metrics["per_norm"][_label(unit)]["ppl_frozen_alone"] = judge.metric(
                         "ppl", alone
                     )
@@ -142,7 +141,9 @@ class FreezeNormPass(Pass):
         teacher = (
             copy_graph_module(gm) if self.recover_steps and self.recover_loss == "kd" else None
         )
-        _freeze(gm, [u for head in chosen for u in members[_label(head)]], sigmas, self.name)
+        _freeze(
+            gm, [u for head in chosen for u in members[norm_module_key(head)]], sigmas, self.name
+        )
         metrics.update(judge.report("frozen", gm))
         metrics["frozen"] = [_label(u) for u in chosen]
         if self.recover_steps > 0:
@@ -182,7 +183,7 @@ class FreezeNormPass(Pass):
         units: list[NormUnit],
         sigmas: dict[torch.fx.Node, float],
         judge: _Judge,
-        members: dict[str, list[NormUnit]],
+        members: dict[tuple[object, ...], list[NormUnit]],
     ) -> tuple[list[NormUnit], dict[torch.fx.Node, float], int]:
         """Least harmful first; harms add in log-perplexity (loss), are confirmed, then bisected."""
         assert self.budget is not None
@@ -199,7 +200,7 @@ class FreezeNormPass(Pass):
                 _additive(
                     metric,
                     judge.metric(
-                        metric, _frozen_copy(gm, members[_label(unit)], sigmas, self.name)
+                        metric, _frozen_copy(gm, members[norm_module_key(unit)], sigmas, self.name)
                     ),
                 )
                 - start
@@ -220,7 +221,7 @@ class FreezeNormPass(Pass):
                         metric,
                         _frozen_copy(
                             gm,
-                            [u for h in order[:high] for u in members[_label(h)]],
+                            [u for h in order[:high] for u in members[norm_module_key(h)]],
                             sigmas,
                             self.name,
                         ),
@@ -290,11 +291,11 @@ def _calibrate(
     return sigmas
 
 
-def _by_module(units: list[NormUnit]) -> dict[str, list[NormUnit]]:
+def _by_module(units: list[NormUnit]) -> dict[tuple[object, ...], list[NormUnit]]:
     """Norm units grouped by the module they apply (in graph order)."""
-    groups: dict[str, list[NormUnit]] = {}
+    groups: dict[tuple[object, ...], list[NormUnit]] = {}
     for unit in units:
-        groups.setdefault(_label(unit), []).append(unit)
+        groups.setdefault(norm_module_key(unit), []).append(unit)
     return groups
 
 
@@ -308,18 +309,18 @@ def _freeze(
     pass_name: str,
 ) -> None:
     rw = Rewriter(gm, pass_name=pass_name)
-    scales: dict[str, torch.fx.Node] = {}  # one stored scale per module
+    scales: dict[tuple[object, ...], torch.fx.Node] = {}  # one stored scale per module
     for unit in units:
         _freeze_one(rw, unit, sigmas[unit.norm], scales)
     rw.finish(prune_weights=True)
 
 
 def _freeze_one(
-    rw: Rewriter, unit: NormUnit, sigma: float, scales: dict[str, torch.fx.Node]
+    rw: Rewriter, unit: NormUnit, sigma: float, scales: dict[tuple[object, ...], torch.fx.Node]
 ) -> None:
     norm, x = unit.norm, unit.input
     dtype = norm.meta["val"].dtype
-    scale = scales.get(_label(unit))
+    scale = scales.get(norm_module_key(unit))
     if scale is None:
         if unit.gamma is not None:
             gamma = rw.store.read(str(unit.gamma.target)).to(torch.float64)
@@ -328,7 +329,7 @@ def _freeze_one(
         scale = rw.add_weight(
             weight_name_for(norm, "frozen_scale"), (gamma / sigma).to(dtype), rule="freeze"
         )
-        scales[_label(unit)] = scale
+        scales[norm_module_key(unit)] = scale
     if unit.kind == "layer":
         mean = rw.call(aten.mean.dim, (x, [-1], True), before=norm, rule="freeze", meta_from=norm)
         x = rw.call(aten.sub.Tensor, (x, mean), before=norm, rule="freeze", meta_from=norm)

@@ -33,21 +33,20 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import re
 from typing import ClassVar, Literal
 
 import torch
 import torch.fx
 
-from rewriter.analysis.adapters import adapter_dtype, inject, own_weight
+from rewriter.analysis.adapters import adapter_dtype, inject, own_weight, select_targets
 from rewriter.context import PassContext
 from rewriter.errors import PreconditionError, RewriterError
-from rewriter.ir.graph import LinearMap, is_lm_head, linear_maps, module_path
+from rewriter.ir.graph import LinearMap
 from rewriter.ir.store import Block, Edit
 from rewriter.pipeline import Pass, PassResult, option
 from rewriter.rewrite.driver import Rewriter
 
-__all__ = ["LoRAPass", "select_targets"]
+__all__ = ["LoRAPass"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -150,33 +149,4 @@ def _pissa(
 
 
 def _label(lin: LinearMap) -> str:
-    return module_path(lin.node) or lin.module
-
-
-def select_targets(gm: torch.fx.GraphModule, targets: str, pass_name: str) -> list[LinearMap]:
-    """The linear maps ``targets`` selects, PEFT's way (see the module docstring)."""
-    maps = linear_maps(gm)
-    if targets == "all-linear":
-        chosen = [lin for lin in maps if not is_lm_head(lin)]
-    elif "," in targets or re.fullmatch(r"[\w.]+", targets):
-        names = [t.strip() for t in targets.split(",") if t.strip()]
-        chosen = [
-            lin
-            for lin in maps
-            if any(_label(lin) == n or _label(lin).endswith("." + n) for n in names)
-        ]
-    else:
-        pattern = re.compile(targets)
-        chosen = [lin for lin in maps if pattern.fullmatch(_label(lin))]
-    if not chosen:
-        known = ", ".join(_label(lin) for lin in maps) or "none"
-        raise RewriterError(
-            f"pass '{pass_name}': targets={targets!r} selects no linear map (the graph's linear "
-            f"maps: {known})"
-        )
-    # One adapter per module: a module applied more than once (a shared layer, the two halves
-    # of a rewriter.deploy step graph) is selected once, and inject() adapts every application.
-    first: dict[str, LinearMap] = {}
-    for lin in chosen:
-        first.setdefault(lin.weight_name, lin)
-    return list(first.values())
+    return lin.path

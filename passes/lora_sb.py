@@ -18,10 +18,8 @@ from typing import ClassVar
 
 import torch
 import torch.fx
-from rewriter.passes.lora import select_targets
-from rewriter.passes.lora_xs import principal_factors
 
-from rewriter.analysis.adapters import adapter_dtype, inject
+from rewriter.analysis.adapters import adapter_dtype, inject, principal_factors, select_targets
 from rewriter.context import PassContext, progress
 from rewriter.errors import PreconditionError
 from rewriter.ir.graph import copy_graph_module, module_path
@@ -71,7 +69,7 @@ class LoRASBPass(Pass):
                 scale=1.0,
                 extra={"samples": self.samples, "update_lr": self.update_lr},
             )
-            per_layer[module_path(lin.node) or lin.module] = self.r * self.r
+            per_layer[lin.path] = self.r * self.r
         rw.finish(prune_weights=True)
         total = sum(per_layer.values())
         note = f"{len(chosen)} adapters, rank {self.r}, {total:,} trainable parameters"

@@ -17,24 +17,15 @@ from typing import ClassVar, Literal
 
 import torch
 import torch.fx
-from rewriter.passes.lora import select_targets
 
-from rewriter.analysis.adapters import adapter_dtype, inject
+from rewriter.analysis.adapters import adapter_dtype, inject, principal_factors, select_targets
 from rewriter.context import PassContext
 from rewriter.errors import PreconditionError
 from rewriter.ir.graph import LinearMap, module_path
 from rewriter.pipeline import Pass, PassResult, option
 from rewriter.rewrite.driver import Rewriter
 
-__all__ = ["LoRAXSPass", "principal_factors"]
-
-
-def principal_factors(
-    w: torch.Tensor, r: int, svd_dtype: torch.dtype = torch.float64
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``U_r``, ``S_r``, ``V_r^T`` of an ``(out, in)`` matrix, computed in ``svd_dtype``."""
-    u, s, vh = torch.linalg.svd(w.to(svd_dtype), full_matrices=False)
-    return u[:, :r], s[:r], vh[:r]
+__all__ = ["LoRAXSPass"]
 
 
 def out_in(rw: Rewriter, lin: LinearMap) -> torch.Tensor:
@@ -85,7 +76,7 @@ class LoRAXSPass(Pass):
                 scale=scale,
                 extra={"svd_dtype": self.svd_dtype},
             )
-            per_layer[module_path(lin.node) or lin.module] = self.r * self.r
+            per_layer[lin.path] = self.r * self.r
         rw.finish(prune_weights=True)
         total = sum(per_layer.values())
         note = f"{len(chosen)} adapters, rank {self.r}, {total:,} trainable parameters"

@@ -26,7 +26,6 @@ from rewriter.analysis.adapters import (
     AdapterRecord,
     inject,
     merge_edit,
-    nola_computed,
     own_weight,
     records,
 )
@@ -128,7 +127,6 @@ class UnmergeAdaptersPass(Pass):
                 )
             record = item.record
             roles = {r for r, n in record.tensors.items() if n in set(record.trainable)}
-            computed = nola_computed() if record.method == "nola" else None
             restored.append(
                 inject(
                     rw,
@@ -137,7 +135,6 @@ class UnmergeAdaptersPass(Pass):
                     factors=item.factors,
                     trainable=roles,
                     scale=record.scale,
-                    computed=computed,
                     extra=record.extra,
                 )
             )

@@ -24,12 +24,10 @@ from typing import ClassVar
 
 import torch
 import torch.fx
-from rewriter.passes.lora import select_targets
 
-from rewriter.analysis.adapters import adapter_dtype, inject, nola_bases, nola_computed
+from rewriter.analysis.adapters import adapter_dtype, inject, nola_bases, select_targets
 from rewriter.context import PassContext
 from rewriter.errors import RewriterError
-from rewriter.ir.graph import module_path
 from rewriter.pipeline import Pass, PassResult, option
 from rewriter.rewrite.driver import Rewriter
 
@@ -78,10 +76,9 @@ class NOLAPass(Pass):
                 factors=factors,
                 trainable={"alpha", "beta"},
                 scale=scale,
-                computed=nola_computed(),
                 extra={"seed": self.seed, "index": index, "k": self.k, "l": self.l, "rank": self.r},
             )
-            per_layer[module_path(lin.node) or lin.module] = self.k + self.l
+            per_layer[lin.path] = self.k + self.l
         rw.finish(prune_weights=True)
         total = sum(per_layer.values())
         note = f"{len(chosen)} adapters, k={self.k}, l={self.l}, {total:,} trainable parameters"

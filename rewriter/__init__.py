@@ -27,7 +27,7 @@ from typing import Any
 
 from rewriter import checkpoint, ops, verify
 from rewriter.analysis import adapters, vocab
-from rewriter.checkpoint import open_checkpoint, rewrite_checkpoint, write_checkpoint
+from rewriter.checkpoint import open_checkpoint, write_checkpoint
 from rewriter.context import PassContext
 from rewriter.errors import (
     LoweringError,
@@ -39,6 +39,7 @@ from rewriter.errors import (
 )
 from rewriter.io import tokenizer_trim
 from rewriter.io.serialize import load, save, save_pretrained
+from rewriter.io.streaming import rewrite_checkpoint
 from rewriter.ir.graph import format_graph
 from rewriter.ir.store import Edit, weights
 from rewriter.ir.trace import TraceInfo, trace, trace_info

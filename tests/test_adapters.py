@@ -284,7 +284,7 @@ def test_a_few_steps_reduce_the_loss_on_the_embedded_model() -> None:
 
 @pytest.mark.parametrize("method", ["lora(r=2)", "nola(k=6,l=5,r=2,seed=3)", "lora-xs(r=2)"])
 def test_adapter_checkpoint_applies_to_a_fresh_trace(method: str, tmp_path) -> None:
-    from rewriter import adapters
+    from rewriter.analysis import adapters
 
     spec = ModelSpec("gpt2", layers=1, vocab=100)
     model = spec.build()

@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 from hypothesis import given, settings
-from rewriter.passes.canonicalize import RULES_NORMS
 from torch import nn
 
 import rewriter
 from rewriter import verify
+from rewriter.analysis.canonicalize import RULES_NORMS
 from rewriter.ir.graph import format_graph, op_counts
 from rewriter.rewrite.driver import Rewriter, apply_rules
 from rewriter.testing import fingerprint, traced
@@ -213,7 +213,7 @@ def test_near_misses_reach_the_guard_that_refuses_them() -> None:
 def test_rule_statistics_reach_the_report_with_every_rule_of_the_table() -> None:
     # each rule's definition site, attempts, matches and rewrites go to the report (and to
     # report.json); rules that never matched this graph are listed by --explain
-    from rewriter.passes.canonicalize import RULES_ATTENTION, RULES_NOOPS, RULES_NORMS
+    from rewriter.analysis.canonicalize import RULES_ATTENTION, RULES_NOOPS, RULES_NORMS
 
     _, gm = traced(ModelSpec("gpt2"))
     record = rewriter.Pipeline.parse("canonicalize").run(gm).report.records[0]

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 import rewriter
-from rewriter import deploy, verify, vocab, zoo
+from rewriter import deploy, verify, zoo
+from rewriter.analysis import vocab
 from rewriter.verify.families import ModelSpec
 
 

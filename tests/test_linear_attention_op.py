@@ -8,7 +8,13 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from rewriter.ops import attention as A
+from rewriter.ops.attention_decode import (
+    LinearAttentionState,
+    linear_attention_recurrent,
+    linear_attention_step,
+    state_size,
+)
+from rewriter.ops.attention_forms import linear_attention_chunked, linear_attention_quadratic
 
 op = torch.ops.rewriter.linear_attention.default
 
@@ -52,12 +58,12 @@ def test_three_forms_agree(
         0.7,
         1e-6,
     )
-    reference = A.linear_attention_quadratic(*args)
-    chunked = A.linear_attention_chunked(*args, chunk=chunk)
+    reference = linear_attention_quadratic(*args)
+    chunked = linear_attention_chunked(*args, chunk=chunk)
     torch.testing.assert_close(chunked, reference, rtol=1e-9, atol=1e-10)
     if causal:
         torch.testing.assert_close(
-            A.linear_attention_recurrent(*args), reference, rtol=1e-9, atol=1e-10
+            linear_attention_recurrent(*args), reference, rtol=1e-9, atol=1e-10
         )
     torch.testing.assert_close(op(*args), reference, rtol=1e-9, atol=1e-10)
 
@@ -87,7 +93,7 @@ def test_long_sequences_stay_finite_in_float32() -> None:
     out = op(q, k, v, phi_q, phi_k, None, decay, torch.tensor([0.1, 0.5]), True, 64, 0.25, 1e-6)
     assert torch.isfinite(out).all()
     head = slice(0, 1)
-    tail = A.linear_attention_quadratic(
+    tail = linear_attention_quadratic(
         q[:, head, -300:],
         k[:, head, -300:],
         v[:, head, -300:],
@@ -121,11 +127,11 @@ def test_gradcheck_through_every_differentiable_input() -> None:
 
 def test_decoding_state_has_a_fixed_size() -> None:
     q, k, v, phi_q, phi_k, *_ = _inputs(1, 2, 40, 3, 4, 5, mask=False, decay=False, window=0)
-    state = A.LinearAttentionState.empty(1, 2, 3, 4, 4, window=8, dtype=torch.float64)
+    state = LinearAttentionState.empty(1, 2, 3, 4, 4, window=8, dtype=torch.float64)
     sizes = set()
     outputs = []
     for t in range(40):
-        y, state = A.linear_attention_step(
+        y, state = linear_attention_step(
             state,
             q[:, :, t],
             k[:, :, t],
@@ -144,7 +150,7 @@ def test_decoding_state_has_a_fixed_size() -> None:
             sum(t.numel() for t in (state.S, state.z, state.keys, state.values, state.features))
         )
     assert len(sizes) == 1
-    reference = A.linear_attention_quadratic(
+    reference = linear_attention_quadratic(
         q, k, v, phi_q, phi_k, None, None, None, True, 8, 0.5, 1e-6
     )
     torch.testing.assert_close(torch.stack(outputs, 2), reference)
@@ -153,7 +159,7 @@ def test_decoding_state_has_a_fixed_size() -> None:
 def test_recurrent_form_refuses_non_causal() -> None:
     args = _inputs(1, 1, 3, 2, 2, 0, mask=False, decay=False, window=0)
     with pytest.raises(ValueError, match="causal"):
-        A.linear_attention_recurrent(*args, False, 0, 1.0, 1e-6)
+        linear_attention_recurrent(*args, False, 0, 1.0, 1e-6)
 
 
 @settings(max_examples=30, deadline=None)
@@ -178,7 +184,7 @@ def test_prefix_state_then_decode_steps_equal_the_full_attention(
     q, k, v, pq, pk, key_mask, gamma, gate = _inputs(
         batch, heads, length, dim, features, seed, mask=mask, decay=decay, window=window
     )
-    want = A.linear_attention_quadratic(
+    want = linear_attention_quadratic(
         q, k, v, pq, pk, key_mask, gamma, gate, True, window, 0.4, 1e-6
     )
     P = prefix
@@ -190,7 +196,7 @@ def test_prefix_state_then_decode_steps_equal_the_full_attention(
         gamma,
         window,
     )
-    assert len(state) == A.state_size(window)
+    assert len(state) == state_size(window)
     shapes = [s.shape for s in state]
     for t in range(P, length):
         now = slice(t, t + 1)

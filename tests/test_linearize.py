@@ -9,7 +9,7 @@ import rewriter
 from rewriter import zoo
 from rewriter.errors import PassError
 from rewriter.ir.graph import op_counts
-from rewriter.ops import attention as A
+from rewriter.ops.attention_forms import linear_attention_quadratic
 from rewriter.pipeline.metrics import perplexity_of_ids
 from rewriter.testing import fingerprint, graph_fingerprint, traced
 from rewriter.verify.families import ModelSpec
@@ -62,7 +62,7 @@ def test_linear_graph_matches_the_reference_form() -> None:
     node = next(n for n in out.graph.nodes if str(n.target) == LINEAR)
     probe = rewriter.graph.with_outputs(out, [*node.args[:6], node])
     q, k, v, phi_q, phi_k, key_mask, got = probe(torch.randint(0, 100, (2, 11)))
-    want = A.linear_attention_quadratic(
+    want = linear_attention_quadratic(
         q, k, v, phi_q, phi_k, key_mask, None, None, True, 0, node.args[10], 1e-6
     )
     torch.testing.assert_close(got, want)

@@ -93,7 +93,7 @@ def test_rewriter_ops_lower_natively_or_by_decomposition(tmp_path, monkeypatch) 
     assert native.lowering == {"crms_norm": "native"}
     x = torch.randn(3, 6, 7) * 30
     assert backend.check(gm, native.path, (x,)).ok
-    monkeypatch.setattr(backend, "NATIVE", {})
+    monkeypatch.setattr("rewriter.backends.onnx.translations.NATIVE", {})
     decomposed = backend.export(gm, None, tmp_path / "decomposed.onnx")
     assert decomposed.lowering == {"crms_norm": "decomposed"}
     assert backend.check(gm, decomposed.path, (x,)).ok
@@ -154,7 +154,7 @@ def test_fused_rotary_with_dynamic_batch_is_avoided(tmp_path, monkeypatch) -> No
     exported = backend.export(out, None, tmp_path / "llama.onnx")
     ids = torch.randint(0, 96, (3, 6))  # traced with batch 2
     assert backend.check(out, exported.path, (ids,)).ok
-    monkeypatch.setattr(backend, "_rotary_trap", lambda proto, spec: False)
+    monkeypatch.setattr("rewriter.backends.onnx.exporter._rotary_trap", lambda proto, spec: False)
     trapped = backend.export(out, None, tmp_path / "trapped.onnx")
     if "RotaryEmbedding" not in _op_types(trapped.path):
         pytest.skip("the exporter no longer fuses RotaryEmbedding; the trap is gone")

@@ -136,3 +136,38 @@ def test_arguments_bind_by_the_schema_names_once_declared() -> None:
     # defaults of the schema are filled in (aten.sum.dim_IntList: keepdim=False, dtype=None)
     summed = graph.call_function(torch.ops.aten.sum.dim_IntList, (x, [0]))
     assert ops.arguments(summed) == {"self": x, "dim": [0], "keepdim": False, "dtype": None}
+
+
+def test_forms_and_fakes_take_the_arguments_the_op_declares() -> None:
+    # the linear-attention forms take the op's arguments through its schema (signature_of):
+    # the parameter list is written once, in the op's torch.library definition
+    import inspect
+
+    from rewriter.ops import attention_decode, attention_forms
+    from rewriter.testing import op_samples
+
+    contract = ops.OPS["linear_attention"]
+    forms = (
+        attention_forms.linear_attention_quadratic,
+        attention_forms.linear_attention_chunked,
+        attention_decode.linear_attention_recurrent,
+    )
+    for form in forms:
+        assert tuple(inspect.signature(form).parameters)[:12] == contract.parameters
+    assert "chunk" in inspect.signature(attention_forms.linear_attention_chunked).parameters
+    decode = ops.OPS["linear_attention_decode"].parameters
+    step = tuple(inspect.signature(attention_decode.linear_attention_step).parameters)
+    assert step == ("state", *(name for name in decode if name != "state"))
+    args = op_samples("linear_attention")[2]
+    named = dict(zip(contract.parameters, args))
+    for form in forms:
+        torch.testing.assert_close(form(*args), form(**named))
+    assert contract.positional(**named) == args
+    with pytest.raises(TypeError, match="lacks argument 'eps'"):
+        contract.positional(**{k: v for k, v in named.items() if k != "eps"})
+    with pytest.raises(TypeError, match="epsilon"):
+        attention_forms.linear_attention_quadratic(*args, epsilon=1e-6)
+    with pytest.raises(TypeError, match="given twice"):
+        attention_forms.linear_attention_quadratic(*args, eps=1e-6)
+    bound = ops.bind("linear_attention", args)
+    assert bound.window == bound["window"] == args[9]

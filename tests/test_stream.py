@@ -11,7 +11,8 @@ import pytest
 import torch
 
 import rewriter
-from rewriter import adapters, checkpoint
+from rewriter import checkpoint
+from rewriter.analysis import adapters
 from rewriter.errors import PassError, RewriterError
 
 LLAMA = {

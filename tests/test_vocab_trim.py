@@ -9,7 +9,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import rewriter
-from rewriter import verify, vocab, zoo
+from rewriter import verify, zoo
+from rewriter.analysis import vocab
 from rewriter.errors import PassError, PreconditionError
 from rewriter.ir.graph import get_tensor
 from rewriter.pipeline.metrics import perplexity_of_ids

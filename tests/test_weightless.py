@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import rewriter
-from rewriter import vocab
+from rewriter.analysis import vocab
 from rewriter.analysis.residual import find_stream
 from rewriter.errors import PassError, RewriterError
 from rewriter.ir.graph import is_weightless

@@ -15,13 +15,20 @@ from rewriter.errors import LoweringError
 aten = torch.ops.aten
 rw = torch.ops.rewriter
 
+
+def _operands(node: torch.fx.Node, count: int) -> list:
+    """The first ``count`` arguments of an op node in schema order, bound by name (kwargs too)."""
+    return list(ops.arguments(node).values())[:count]
+
+
 # --- elementwise ----------------------------------------------------------------------------------
 
 
 @handles(aten.add.Tensor, aten.add.Scalar)
 def _add(lo: Lowering, node: torch.fx.Node) -> None:
-    alpha = node.kwargs.get("alpha", 1)
-    operands = [lo.operand(a, node)[0] for a in node.args[:2]]
+    args = ops.arguments(node)
+    alpha, pair = args["alpha"], [args["self"], args["other"]]
+    operands = [lo.operand(a, node)[0] for a in pair]
     if alpha == 1 and all(v is not None for v in operands):
         a, b = operands
         if a.shape == b.shape == tuple(lo.values[node].shape):  # a residual add
@@ -30,46 +37,49 @@ def _add(lo: Lowering, node: torch.fx.Node) -> None:
             lo.layer(node, "residual_add", size=out.size)
             return
     if alpha != 1:
-        lo.elementwise(
-            node, list(node.args[:2]), lambda a: f"{a[0]} + acc_t({float(alpha)!r}) * {a[1]}"
-        )
+        lo.elementwise(node, pair, lambda a: f"{a[0]} + acc_t({float(alpha)!r}) * {a[1]}")
     else:
-        lo.elementwise(node, list(node.args[:2]), lambda a: f"{a[0]} + {a[1]}")
+        lo.elementwise(node, pair, lambda a: f"{a[0]} + {a[1]}")
     lo.layer(node, "add")
 
 
 @handles(aten.sub.Tensor, aten.sub.Scalar)
 def _sub(lo: Lowering, node: torch.fx.Node) -> None:
-    lo.elementwise(node, list(node.args[:2]), lambda a: f"{a[0]} - {a[1]}")
+    args = ops.arguments(node)
+    pair, alpha = [args["self"], args["other"]], args["alpha"]
+    if alpha != 1:
+        lo.elementwise(node, pair, lambda a: f"{a[0]} - acc_t({float(alpha)!r}) * {a[1]}")
+    else:
+        lo.elementwise(node, pair, lambda a: f"{a[0]} - {a[1]}")
 
 
 @handles(aten.mul.Tensor, aten.mul.Scalar)
 def _mul(lo: Lowering, node: torch.fx.Node) -> None:
-    lo.elementwise(node, list(node.args[:2]), lambda a: f"{a[0]} * {a[1]}")
+    lo.elementwise(node, _operands(node, 2), lambda a: f"{a[0]} * {a[1]}")
     lo.layer(node, "mul")
 
 
 @handles(aten.div.Tensor, aten.div.Scalar)
 def _div(lo: Lowering, node: torch.fx.Node) -> None:
-    lo.elementwise(node, list(node.args[:2]), lambda a: f"{a[0]} / {a[1]}")
+    lo.elementwise(node, _operands(node, 2), lambda a: f"{a[0]} / {a[1]}")
 
 
 @handles(aten.neg.default)
 def _neg(lo: Lowering, node: torch.fx.Node) -> None:
-    lo.elementwise(node, [node.args[0]], lambda a: f"-{a[0]}")
+    lo.elementwise(node, _operands(node, 1), lambda a: f"-{a[0]}")
 
 
 @handles(aten.pow.Tensor_Scalar)
 def _pow(lo: Lowering, node: torch.fx.Node) -> None:
-    exponent = node.args[1]
+    base, exponent = _operands(node, 2)
     if float(exponent) != int(exponent) or not 1 <= int(exponent) <= 4:
         raise LoweringError(f"hls export: pow with exponent {exponent} (integers 1..4 only)", node)
-    lo.elementwise(node, [node.args[0]], lambda a: " * ".join([f"({a[0]})"] * int(exponent)))
+    lo.elementwise(node, [base], lambda a: " * ".join([f"({a[0]})"] * int(exponent)))
 
 
 @handles(aten.relu.default)
 def _relu(lo: Lowering, node: torch.fx.Node) -> None:
-    lo.elementwise(node, [node.args[0]], lambda a: f"({a[0]} > 0 ? {a[0]} : acc_t(0))")
+    lo.elementwise(node, _operands(node, 1), lambda a: f"({a[0]} > 0 ? {a[0]} : acc_t(0))")
 
 
 def _tabulated(
@@ -85,7 +95,7 @@ def _tabulated(
     table, table_type = lo.table(name, function, lo_x, hi_x)
     lo.elementwise(
         node,
-        [node.args[0]],
+        _operands(node, 1),
         lambda a: (
             f"rw::lookup<acc_t, {table_type}, {TABLE_POINTS}>"
             f"({a[0]}, {table}, {lo_x}f, {hi_x}f, {below}, {above})"
@@ -106,7 +116,7 @@ def _sigmoid(lo: Lowering, node: torch.fx.Node) -> None:
 
 @handles(aten.gelu.default)
 def _gelu(lo: Lowering, node: torch.fx.Node) -> None:
-    approximate = node.kwargs.get("approximate", node.args[1] if len(node.args) > 1 else "none")
+    approximate = ops.arguments(node)["approximate"]
     function = lambda x: torch.nn.functional.gelu(x, approximate=approximate)  # noqa: E731
     _tabulated(lo, node, f"gelu_{approximate}", function, -8.0, 8.0, 0, 2)
 
@@ -118,7 +128,8 @@ def _silu(lo: Lowering, node: torch.fx.Node) -> None:
 
 @handles(aten.elu.default)
 def _elu(lo: Lowering, node: torch.fx.Node) -> None:
-    if any(float(a) != 1.0 for a in node.args[1:4]):
+    args = ops.arguments(node)
+    if any(float(args[name]) != 1.0 for name in ("alpha", "scale", "input_scale")):
         raise LoweringError("hls export: elu with alpha/scale other than 1", node)
     _tabulated(lo, node, "elu", torch.nn.functional.elu, -16.0, 0.0, -1, 2)
 
@@ -183,22 +194,19 @@ def _constant(lo: Lowering, arg) -> torch.Tensor | None:
 
 @handles(aten.linear.default)
 def _linear(lo: Lowering, node: torch.fx.Node) -> None:
-    weight = _constant(lo, node.args[1])
-    bias = _constant(lo, node.args[2]) if len(node.args) > 2 and node.args[2] is not None else None
+    args = ops.arguments(node)
+    weight = _constant(lo, args["weight"])
+    bias = _constant(lo, args["bias"]) if args["bias"] is not None else None
     if weight is None:
         raise LoweringError("hls export: linear with a computed weight", node)
-    _dense(lo, node, node.args[0], weight, bias)
+    _dense(lo, node, args["input"], weight, bias)
 
 
 @handles(aten.addmm.default)
 def _addmm(lo: Lowering, node: torch.fx.Node) -> None:
-    bias, x, weight = _constant(lo, node.args[0]), node.args[1], _constant(lo, node.args[2])
-    if (
-        weight is None
-        or bias is None
-        or node.kwargs.get("beta", 1) != 1
-        or node.kwargs.get("alpha", 1) != 1
-    ):
+    args = ops.arguments(node)
+    bias, x, weight = _constant(lo, args["self"]), args["mat1"], _constant(lo, args["mat2"])
+    if weight is None or bias is None or args["beta"] != 1 or args["alpha"] != 1:
         raise LoweringError(
             "hls export: addmm needs a constant bias and weight, beta = alpha = 1", node
         )
@@ -207,7 +215,7 @@ def _addmm(lo: Lowering, node: torch.fx.Node) -> None:
 
 @handles(aten.mm.default, aten.matmul.default, aten.bmm.default)
 def _matmul(lo: Lowering, node: torch.fx.Node) -> None:
-    a_node, b_node = node.args[:2]
+    a_node, b_node = _operands(node, 2)  # self and mat2 (mm, bmm) or other (matmul)
     weight = _constant(lo, b_node)
     if weight is not None and weight.dim() == 2:
         return _dense(lo, node, a_node, weight.T, None)
@@ -311,9 +319,10 @@ def _affine_args(lo: Lowering, node: torch.fx.Node, weight, bias) -> tuple[str, 
 
 @handles(aten.layer_norm.default)
 def _layer_norm(lo: Lowering, node: torch.fx.Node) -> None:
-    args = list(node.args) + [None] * (5 - len(node.args))
-    x, _ = lo.operand(args[0], node)
-    shape, weight, bias, eps = args[1], _constant(lo, args[2]), _constant(lo, args[3]), args[4]
+    args = ops.arguments(node)
+    x, _ = lo.operand(args["input"], node)
+    shape, eps = args["normalized_shape"], args["eps"]
+    weight, bias = _constant(lo, args["weight"]), _constant(lo, args["bias"])
     eps = 1e-5 if eps is None else eps
     out = lo._local(node)
     n = math.prod(shape)
@@ -337,9 +346,9 @@ def _layer_norm(lo: Lowering, node: torch.fx.Node) -> None:
 
 @handles(aten.rms_norm.default)
 def _rms_norm(lo: Lowering, node: torch.fx.Node) -> None:
-    args = list(node.args) + [None] * (4 - len(node.args))
-    x, _ = lo.operand(args[0], node)
-    shape, weight, eps = args[1], _constant(lo, args[2]), args[3]
+    args = ops.arguments(node)
+    x, _ = lo.operand(args["input"], node)
+    shape, weight, eps = args["normalized_shape"], _constant(lo, args["weight"]), args["eps"]
     eps = torch.finfo(torch.float32).eps if eps is None else eps
     out = lo._local(node)
     n = math.prod(shape)
@@ -418,8 +427,9 @@ def _l1_norm(lo: Lowering, node: torch.fx.Node) -> None:
 
 @handles(aten._softmax.default, aten.softmax.int)
 def _softmax(lo: Lowering, node: torch.fx.Node) -> None:
-    x, _ = lo.operand(node.args[0], node)
-    dim = node.args[1] % len(x.shape)
+    args = ops.arguments(node)
+    x, _ = lo.operand(args["self"], node)
+    dim = args["dim"] % len(x.shape)
     if dim != len(x.shape) - 1:
         raise LoweringError("hls export: softmax over a dim other than the last", node)
     out = lo._local(node)
@@ -446,22 +456,22 @@ def _softmax(lo: Lowering, node: torch.fx.Node) -> None:
 
 @handles(aten.scaled_dot_product_attention.default)
 def _sdpa(lo: Lowering, node: torch.fx.Node) -> None:
-    args = list(node.args) + [None] * (7 - len(node.args))
-    q, _ = lo.operand(args[0], node)
-    k, _ = lo.operand(args[1], node)
-    v, _ = lo.operand(args[2], node)
+    args = ops.arguments(node)
+    q, _ = lo.operand(args["query"], node)
+    k, _ = lo.operand(args["key"], node)
+    v, _ = lo.operand(args["value"], node)
     if q is None or k is None or v is None:
         raise LoweringError("hls export: attention over constant keys or values", node)
-    causal = bool(node.kwargs.get("is_causal", args[5] or False))
-    mask_node = node.kwargs.get("attn_mask", args[3])
+    causal = bool(args["is_causal"])
+    mask_node = args["attn_mask"]
     if mask_node is not None:
         mask = _constant(lo, mask_node)
         if mask is None:
             raise LoweringError("hls export: an attention mask computed from the inputs", node)
         causal = _mask_kind(mask, q.shape[-2], k.shape[-2], node) or causal
-    if node.kwargs.get("dropout_p", args[4] or 0.0):
+    if args["dropout_p"]:
         raise LoweringError("hls export: attention dropout", node)
-    scale = node.kwargs.get("scale", args[6])
+    scale = args["scale"]
     scale = 1 / math.sqrt(q.shape[-1]) if scale is None else scale
     if q.shape[1] != k.shape[1] or k.shape != v.shape:
         raise LoweringError("hls export: grouped-query attention (repeat the keys first)", node)
@@ -556,8 +566,9 @@ def _linear_attention(lo: Lowering, node: torch.fx.Node) -> None:
 
 @handles(aten.embedding.default)
 def _embedding(lo: Lowering, node: torch.fx.Node) -> None:
-    table = _constant(lo, node.args[0])
-    ids, _ = lo.operand(node.args[1], node)
+    args = ops.arguments(node)
+    table = _constant(lo, args["weight"])
+    ids, _ = lo.operand(args["indices"], node)
     if table is None or ids is None:
         raise LoweringError("hls export: embedding needs a constant table and computed ids", node)
     out = lo._local(node)

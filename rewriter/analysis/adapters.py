@@ -14,7 +14,8 @@ last-token halves of a ``rewriter.deploy`` step graph) gets one adapter: one set
 branch at every application (:func:`applications`), trained and merged once.
 
 Factors are graph tensors: trainable parameters, or frozen buffers (a NOLA basis, LoRA-XS
-singular vectors), or computed in the graph from them (NOLA's ``A = sum_i alpha_i A_i``). Every
+singular vectors), or computed in the graph from them (NOLA's ``A = sum_i alpha_i A_i``); what
+a method adds to the plain branch is its :class:`AdapterKind` entry in :data:`KINDS`. Every
 adapter is described by an :class:`AdapterRecord` in ``gm.meta``, which ``merge-adapters``, the
 adapter checkpoint and the reports read; the graph stays plain ATen and exports like any other
 (the factors become initializers).
@@ -27,21 +28,28 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
 import torch.fx
 
-from rewriter.analysis.folding import untie_for
-from rewriter.ir.graph import LinearMap, as_linear, linear_maps, module_path, weight_name_for
+from rewriter.analysis.folding import untie_map
+from rewriter.errors import RewriterError
+from rewriter.ir.graph import LinearMap, is_lm_head, linear_maps, weight_name_for
 from rewriter.ir.store import Block, Edit
 from rewriter.rewrite.driver import Rewriter
 
 __all__ = [
     "ADAPTERS_KEY",
+    "KINDS",
     "TRAIN_DROPOUT_KEY",
+    "AdapterKind",
     "AdapterRecord",
+    "Combination",
     "adapter_dtype",
+    "adapter_kind",
     "applications",
     "delta_weight",
     "factor_values",
@@ -49,10 +57,11 @@ __all__ = [
     "load",
     "merge_edit",
     "nola_bases",
-    "nola_computed",
     "own_weight",
+    "principal_factors",
     "records",
     "save",
+    "select_targets",
 ]
 
 ADAPTERS_KEY = "rewriter.adapters"
@@ -115,7 +124,6 @@ def inject(
     factors: dict[str, torch.Tensor],
     trainable: set[str],
     scale: float,
-    computed: dict[str, Any] | None = None,
     extra: dict[str, Any] | None = None,
     dropout: float = 0.0,
 ) -> AdapterRecord:
@@ -123,12 +131,12 @@ def inject(
     module with the same factors, and record it.
 
     ``factors`` holds the stored tensors by role (``A``, ``B``, optional ``R``, NOLA's bases and
-    coefficients); roles in ``trainable`` become trainable parameters. ``computed`` maps ``A`` /
-    ``B`` to a function ``(rw, nodes, before) -> node`` that builds the factor in the graph from
-    stored tensors (NOLA).
+    coefficients); roles in ``trainable`` become trainable parameters. The factors that
+    ``method``'s :class:`AdapterKind` computes (NOLA's ``A`` and ``B``) are built in the graph
+    from the stored ones.
     """
     node = lin.node
-    module = module_path(node) or lin.module
+    module = lin.path
     apps = applications(rw.gm, lin)
     first = apps[0].output
     nodes: dict[str, torch.fx.Node] = {}
@@ -142,8 +150,8 @@ def inject(
         )
         nodes[role] = stored
         names[role] = str(stored.target)
-    for role, build in (computed or {}).items():
-        nodes[role] = build(rw, nodes, first)  # before the first application: all see it
+    for role, combination in adapter_kind(method).computed.items():
+        nodes[role] = _combine(rw, combination, nodes, first)  # before the first application
     outputs = [_branch(rw, app, nodes, scale, dropout).name for app in apps]
     record = AdapterRecord(
         module=module,
@@ -203,24 +211,94 @@ def nola_bases(
     return a, b
 
 
-def nola_computed() -> dict[str, Any]:
-    """Graph builders of NOLA's factors from their coefficients and bases (``einsum``)."""
-    return {
-        "A": _combine("k,kri->ri", "alpha", "A_basis"),
-        "B": _combine("k,kor->or", "beta", "B_basis"),
-    }
+def _nola_bases_of(
+    extra: dict[str, Any], lin: LinearMap, stored: dict[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    """NOLA's frozen bases, regenerated from the seeds in the record (no checkpoint stores them),
+    in the dtype of the stored coefficients."""
+    a_basis, b_basis = nola_bases(
+        extra["seed"],
+        extra["index"],
+        extra["k"],
+        extra["l"],
+        extra["rank"],
+        lin.in_features,
+        lin.out_features,
+    )
+    dtype = stored["alpha"].dtype
+    return {"A_basis": a_basis.to(dtype), "B_basis": b_basis.to(dtype)}
 
 
-def _combine(equation: str, coefficients: str, basis: str):
-    def build(rw: Rewriter, nodes: dict, before: torch.fx.Node) -> torch.fx.Node:
-        return rw.call(
-            aten.einsum.default,
-            (equation, [nodes[coefficients], nodes[basis]]),
-            before=before,
-            rule="adapter",
-        )
+# --- adapter kinds -------------------------------------------------------------------------------
 
-    return build
+
+@dataclasses.dataclass(frozen=True)
+class Combination:
+    """A factor computed from stored tensors, ``einsum(equation, coefficients, basis)``: in the
+    graph (an ``aten.einsum`` node) and, in float64, for merging."""
+
+    equation: str
+    coefficients: str
+    """Role of the coefficient vector (NOLA's trained ``alpha``)."""
+    basis: str
+    """Role of the stacked frozen bases (NOLA's ``A_basis``)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class AdapterKind:
+    """What an adapter method adds to the plain branch ``s B R A x`` over stored factors.
+
+    One entry per method in :data:`KINDS`; :func:`inject`, :func:`factor_values`, :func:`save`
+    and :func:`load` read it, so a method's special cases live in its entry alone.
+    """
+
+    method: str
+    computed: Mapping[str, Combination] = dataclasses.field(default_factory=dict)
+    """Factor role (``A``, ``B``) -> how it is computed from stored tensors."""
+    regenerated: tuple[str, ...] = ()
+    """Roles the adapter checkpoint leaves out; :attr:`regenerate` rebuilds them on load."""
+    regenerate: (
+        Callable[[dict[str, Any], LinearMap, dict[str, torch.Tensor]], dict[str, torch.Tensor]]
+        | None
+    ) = None
+    """``(extra, lin, stored) -> tensors``: the :attr:`regenerated` roles, from the record's
+    ``extra``, the adapted map and the stored tensors."""
+
+
+KINDS: dict[str, AdapterKind] = {
+    kind.method: kind
+    for kind in (
+        AdapterKind("lora"),
+        AdapterKind("lora-xs"),
+        AdapterKind("lora-sb"),
+        AdapterKind(
+            "nola",
+            computed={
+                "A": Combination("k,kri->ri", "alpha", "A_basis"),
+                "B": Combination("k,kor->or", "beta", "B_basis"),
+            },
+            regenerated=("A_basis", "B_basis"),
+            regenerate=_nola_bases_of,
+        ),
+    )
+}
+"""Every adapter method by name (``AdapterRecord.method``)."""
+
+
+def adapter_kind(method: str) -> AdapterKind:
+    """The kind of ``method``; one without an entry is a plain adapter over stored factors."""
+    return KINDS.get(method) or AdapterKind(method)
+
+
+def _combine(
+    rw: Rewriter, combination: Combination, nodes: dict[str, torch.fx.Node], before: torch.fx.Node
+) -> torch.fx.Node:
+    return rw.call(
+        aten.einsum.default,
+        (combination.equation, [nodes[combination.coefficients], nodes[combination.basis]]),
+        before=before,
+        rule="adapter",
+    )
 
 
 def adapter_dtype(lin: LinearMap) -> torch.dtype:
@@ -231,17 +309,10 @@ def adapter_dtype(lin: LinearMap) -> torch.dtype:
 
 def own_weight(rw: Rewriter, lin: LinearMap) -> LinearMap:
     """``lin`` with a weight of its own: a weight shared with other readers (a tied LM head and
-    its embedding) is untied first, the others keep the original tensor. Every application of
-    ``lin``'s module (:func:`applications`) keeps reading the one weight."""
-    apps = {app.node for app in applications(rw.gm, lin)}
-    mine = [u for u in lin.weight.users if u in apps or any(a in u.users for a in apps)]
-    others = [u for u in lin.weight.users if u not in mine]
-    if not others:
-        return lin
-    untie_for(rw, lin.weight, mine)  # each copy named after its readers' module
-    relinked = as_linear(lin.node)
-    assert relinked is not None
-    return relinked
+    its embedding) is untied first, the others keep the original tensor
+    (:func:`rewriter.analysis.folding.untie_map`). Every application of ``lin``'s module
+    (:func:`applications`) keeps reading the one weight."""
+    return untie_map(rw, lin, applications(rw.gm, lin))  # the copy named after its module
 
 
 def factor_values(gm: torch.fx.GraphModule, record: AdapterRecord) -> dict[str, torch.Tensor]:
@@ -250,9 +321,9 @@ def factor_values(gm: torch.fx.GraphModule, record: AdapterRecord) -> dict[str, 
 
     store = weights(gm)
     read = {role: store.read(name).to(torch.float64) for role, name in record.tensors.items()}
-    if record.method == "nola":
-        read["A"] = torch.einsum("k,kri->ri", read["alpha"], read["A_basis"])
-        read["B"] = torch.einsum("k,kor->or", read["beta"], read["B_basis"])
+    for role, combination in adapter_kind(record.method).computed.items():
+        coefficients, basis = read[combination.coefficients], read[combination.basis]
+        read[role] = torch.einsum(combination.equation, coefficients, basis)
     return read
 
 
@@ -276,6 +347,53 @@ def merge_edit(gm: torch.fx.GraphModule, record: AdapterRecord, weight: str) -> 
         return rows + right[:, block.start : block.stop].T @ left.T
 
     return Edit(weight, (weight,), compute, note=f"merge {record.method} adapter")
+
+
+# --- what adapter passes share -------------------------------------------------------------------
+
+
+def select_targets(gm: torch.fx.GraphModule, targets: str, pass_name: str) -> list[LinearMap]:
+    """The linear maps ``targets`` selects, as PEFT users write it, one per module.
+
+    ``targets`` is ``all-linear`` (every linear map except the LM head: a map whose output is a
+    graph output or that shares its weight with an embedding); a comma-separated list of names,
+    each matching a map's source module path exactly or as a dotted suffix (``c_attn,c_proj``);
+    or a regex, full match on the module path (PEFT's string form). A selection of nothing is
+    an error naming the graph's linear maps. A module applied more than once (a shared layer,
+    the two halves of a ``rewriter.deploy`` step graph) is selected once, at its first
+    application: :func:`inject` adapts every application.
+    """
+    maps = linear_maps(gm)
+    if targets == "all-linear":
+        chosen = [lin for lin in maps if not is_lm_head(lin)]
+    elif "," in targets or re.fullmatch(r"[\w.]+", targets):
+        names = [t.strip() for t in targets.split(",") if t.strip()]
+        chosen = [
+            lin for lin in maps if any(lin.path == n or lin.path.endswith("." + n) for n in names)
+        ]
+    else:
+        pattern = re.compile(targets)
+        chosen = [lin for lin in maps if pattern.fullmatch(lin.path)]
+    if not chosen:
+        known = ", ".join(lin.path for lin in maps) or "none"
+        raise RewriterError(
+            f"pass '{pass_name}': targets={targets!r} selects no linear map (the graph's linear "
+            f"maps: {known})"
+        )
+    first: dict[str, LinearMap] = {}
+    for lin in chosen:
+        first.setdefault(lin.weight_name, lin)
+    return list(first.values())
+
+
+def principal_factors(
+    w: torch.Tensor, r: int, svd_dtype: torch.dtype = torch.float64
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``U_r``, ``S_r``, ``V_r^T`` of an ``(out, in)`` matrix: its exact truncated SVD
+    (``torch.linalg.svd``, not randomized), computed in ``svd_dtype``. The LoRA-XS family's
+    frozen factors come from it."""
+    u, s, vh = torch.linalg.svd(w.to(svd_dtype), full_matrices=False)
+    return u[:, :r], s[:r], vh[:r]
 
 
 # --- adapter checkpoints -------------------------------------------------------------------------
@@ -308,7 +426,8 @@ def save(gm: torch.fx.GraphModule, path: str) -> None:
                 "was rewritten to the residual W - s B0 A0. Save the whole graph "
                 "(rewriter.save) or merge it and save the model"
             )
-        roles = [r for r in record.tensors if not r.endswith("_basis")]
+        regenerated = adapter_kind(record.method).regenerated
+        roles = [r for r in record.tensors if r not in regenerated]
         for role in roles:
             tensors[f"{i}.{role}"] = store.read(record.tensors[role]).detach().contiguous()
         entry = dataclasses.asdict(record)
@@ -341,7 +460,7 @@ def load(gm: torch.fx.GraphModule, path: str) -> torch.fx.GraphModule:
     entries = json.loads(metadata["adapters"])
     out = copy_graph_module(gm)
     rw = Rewriter(out, pass_name="load-adapters")
-    maps = {(module_path(lin.node) or lin.module): lin for lin in linear_maps(out)}
+    maps = {lin.path: lin for lin in linear_maps(out)}
     for i, entry in enumerate(entries):
         lin = maps.get(entry["module"])
         if lin is None:
@@ -350,21 +469,9 @@ def load(gm: torch.fx.GraphModule, path: str) -> torch.fx.GraphModule:
                 f"does not have (its linear maps: {', '.join(maps)})"
             )
         factors = {role: tensors[f"{i}.{role}"] for role in entry["stored_roles"]}
-        computed = None
-        if entry["method"] == "nola":
-            extra = entry["extra"]
-            a_basis, b_basis = nola_bases(
-                extra["seed"],
-                extra["index"],
-                extra["k"],
-                extra["l"],
-                extra["rank"],
-                lin.in_features,
-                lin.out_features,
-            )
-            dtype = factors["alpha"].dtype
-            factors |= {"A_basis": a_basis.to(dtype), "B_basis": b_basis.to(dtype)}
-            computed = nola_computed()
+        kind = adapter_kind(entry["method"])
+        if kind.regenerate is not None:
+            factors |= kind.regenerate(entry["extra"], lin, factors)
         _check_shapes(entry, factors, lin)
         trainable = {
             role for role, name in entry["tensors"].items() if name in set(entry["trainable"])
@@ -376,11 +483,10 @@ def load(gm: torch.fx.GraphModule, path: str) -> torch.fx.GraphModule:
             factors=factors,
             trainable=trainable,
             scale=entry["scale"],
-            computed=computed,
             extra={k: v for k, v in entry["extra"].items() if k != "dropout"},
             dropout=entry["extra"].get("dropout", 0.0),
         )
-        maps = {(module_path(m.node) or m.module): m for m in linear_maps(out)}
+        maps = {m.path: m for m in linear_maps(out)}
     rw.finish(prune_weights=False)
     return out
 

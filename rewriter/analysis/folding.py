@@ -21,7 +21,14 @@ import torch.fx
 
 from rewriter.analysis.residual import norm_width
 from rewriter.errors import describe_node
-from rewriter.ir.graph import LinearMap, as_linear, look_back, transparent_users, weight_name_for
+from rewriter.ir.graph import (
+    LinearMap,
+    as_linear,
+    look_back,
+    module_path,
+    transparent_users,
+    weight_name_for,
+)
 from rewriter.ir.store import Edit, ModuleStore
 from rewriter.rewrite.driver import Rewriter
 
@@ -31,9 +38,11 @@ __all__ = [
     "ensure_bias",
     "fold_affine",
     "linear_readers",
+    "norm_module_key",
     "norm_units",
     "reader_key",
     "untie_for",
+    "untie_map",
 ]
 
 aten = torch.ops.aten
@@ -196,13 +205,21 @@ def untie_for(rw: Rewriter, get_attr: torch.fx.Node, users: list[torch.fx.Node])
     return rw.untie(get_attr, users, name_hint=wanted)
 
 
-def _own_weight(rw: Rewriter, group: Sequence[LinearMap]) -> LinearMap:
-    """The first map of ``group`` (maps over one weight), its weight and bias read by the group
-    only (untied from any other reader)."""
-    lin = group[0]
-    weight = untie_for(rw, lin.weight, [g.node for g in group])
-    if lin.bias is not None:
-        untie_for(rw, lin.bias, [g.output if g.output is not g.node else g.node for g in group])
+def untie_map(
+    rw: Rewriter, lin: LinearMap, also: Sequence[LinearMap] = (), *, bias: bool = False
+) -> LinearMap:
+    """``lin`` with a weight (and with ``bias``, a bias) that only it and ``also`` read.
+
+    ``also``: other maps over the same weight (the module applied again) that keep sharing it
+    with ``lin``. A tensor other readers share too (a tied LM head and its embedding) is untied
+    with :func:`untie_for`: the group gets a copy named after its module, the other readers keep
+    the original. The weight's readers are the maps' matmuls or the transposes feeding them.
+    """
+    group = {m.node for m in (lin, *also)}
+    readers = [u for u in lin.weight.users if u in group or any(node in u.users for node in group)]
+    weight = untie_for(rw, lin.weight, readers)
+    if bias and lin.bias is not None:
+        untie_for(rw, lin.bias, list(dict.fromkeys(m.output for m in (lin, *also))))
     refreshed = as_linear(lin.node)
     assert refreshed is not None and refreshed.weight is weight
     return refreshed
@@ -265,7 +282,7 @@ def fold_affine(
         assert current is not None
         groups.setdefault(reader_key(current), []).append(current)
     for group in groups.values():
-        reader = _own_weight(rw, group)
+        reader = untie_map(rw, group[0], group[1:], bias=True)
         if beta is not None:
             reader = ensure_bias(rw, reader, also=group[1:])
             rw.apply(bias_fold_edit(reader, beta))  # reads the weight before gamma scales it
@@ -285,6 +302,30 @@ def reader_key(lin: LinearMap) -> tuple[str, str | None, str]:
     """Maps with equal keys compute the same function of their input (same weight, bias,
     layout): a module applied more than once."""
     return (lin.weight_name, lin.bias_name, lin.layout)
+
+
+def norm_module_key(
+    unit: NormUnit, readers: Sequence[LinearMap] | None = None
+) -> tuple[object, ...]:
+    """Equal for the applications of one norm module (a shared layer; the prefix and
+    last-token halves of a ``rewriter.deploy`` step graph), which passes treat as one.
+
+    A norm with a stored affine is known by its gamma and beta tensors, which every application
+    reads; one without (or with a computed gain, such as Gemma's ``1 + w``) by its source module
+    path, or its node's name where the graph records none. Whether the unit is frozen and
+    centers is part of the key. With ``readers`` (the unit's linear readers) the key also asks
+    for the same set of reader modules (:func:`reader_key`): what folding into weights that the
+    applications share needs.
+    """
+    affine = [t for t in (unit.gamma, unit.beta) if t is not None]
+    if affine and all(t.op == "get_attr" for t in affine):
+        who = tuple(str(t.target) if t is not None else None for t in (unit.gamma, unit.beta))
+    else:
+        who = (module_path(unit.norm) or unit.norm.name,)
+    key = (*who, unit.frozen, unit.centers)
+    if readers is not None:
+        key = (*key, frozenset(reader_key(r) for r in readers))
+    return key
 
 
 def _center_inputs_edit(lin: LinearMap) -> Edit:

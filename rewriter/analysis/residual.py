@@ -31,6 +31,7 @@ import torch.fx
 
 from rewriter.errors import PreconditionError, describe_node
 from rewriter.ir.graph import LinearMap, is_metadata_reader, is_transparent, linear_maps
+from rewriter.ir.lookthrough import last_dim
 
 __all__ = ["NORM_OPS", "ResidualStream", "Writer", "find_stream", "norm_width", "norms_of_width"]
 
@@ -105,11 +106,6 @@ def norms_of_width(
     return found
 
 
-def _last_dim(node: object) -> object:
-    val = node.meta.get("val") if isinstance(node, torch.fx.Node) else None
-    return val.shape[-1] if isinstance(val, torch.Tensor) and val.dim() > 0 else None
-
-
 def _is_stream_add(node: torch.fx.Node, width: int) -> bool:
     """``add``/``sub`` of two tensors of last dim ``width``, broadcasting over leading dims only."""
     if node.op != "call_function" or node.target not in (aten.add.Tensor, aten.sub.Tensor):
@@ -119,7 +115,7 @@ def _is_stream_add(node: torch.fx.Node, width: int) -> bool:
     a, b = node.args
     if not (isinstance(a, torch.fx.Node) and isinstance(b, torch.fx.Node)):
         return False
-    return _last_dim(a) == width and _last_dim(b) == width and _last_dim(node) == width
+    return last_dim(a) == width and last_dim(b) == width and last_dim(node) == width
 
 
 def _is_scalar_scale(node: torch.fx.Node) -> bool:

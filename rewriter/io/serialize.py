@@ -27,7 +27,9 @@ from torch.export import Dim
 from torch.utils import _pytree as pytree
 
 from rewriter.analysis.vocab import VOCAB_KEY, VocabMap, vocab_map
+from rewriter.checkpoint import bind
 from rewriter.errors import RewriterError
+from rewriter.ir.tensors import alias_groups
 from rewriter.ir.trace import TRACE_INFO_KEY, TraceInfo, _plain_graph_module, trace_info
 from rewriter.verify import ErrorReport
 
@@ -83,8 +85,6 @@ def load(
     """
     gm = _load(path)
     if weights is not None:
-        from rewriter.checkpoint import bind
-
         bind(gm, weights, device=device)
     return gm
 
@@ -382,7 +382,7 @@ def _rebuild(
     model = cls(config).to(info.dtype).eval()
     missing: list[str] = []
     with torch.no_grad():
-        for names, target in _alias_groups(model):
+        for names, target in alias_groups(model, persistent=True):
             source = next((t for n in names if (t := _tensor(gm, n)) is not None), None)
             if source is None:
                 missing.append(names[0])
@@ -393,7 +393,7 @@ def _rebuild(
                     f"{tuple(target.shape)} in {class_name}: pass config_overrides"
                 )
             target.copy_(source)
-    unexplained = sorted(set(missing) - _computed_buffers(model))
+    unexplained = sorted(set(missing) - _config_buffer_names(model))
     if unexplained:
         raise RewriterError(
             f"the graph has no weights named {unexplained[:5]}: the architecture changed"
@@ -403,25 +403,11 @@ def _rebuild(
 
 def _untied_by_the_graph(model: torch.nn.Module, gm: torch.fx.GraphModule) -> bool:
     """Whether names that ``model`` ties to one tensor hold different values in the graph."""
-    for names, _ in _alias_groups(model):
+    for names, _ in alias_groups(model, persistent=True):
         found = [t for n in names if (t := _tensor(gm, n)) is not None]
         if any(t.shape != found[0].shape or not torch.equal(t, found[0]) for t in found[1:]):
             return True
     return False
-
-
-def _alias_groups(model: torch.nn.Module) -> list[tuple[list[str], torch.Tensor]]:
-    """Names bound to one tensor (a tied embedding and head), per tensor, in state_dict order."""
-    groups: dict[int, tuple[list[str], torch.Tensor]] = {}
-    named = [
-        *model.named_parameters(remove_duplicate=False),
-        *model.named_buffers(remove_duplicate=False),
-    ]
-    persistent = set(model.state_dict())
-    for name, tensor in named:
-        if name in persistent:
-            groups.setdefault(id(tensor), ([], tensor))[0].append(name)
-    return list(groups.values())
 
 
 def _tensor(gm: torch.fx.GraphModule, name: str) -> torch.Tensor | None:
@@ -435,8 +421,10 @@ def _tensor(gm: torch.fx.GraphModule, name: str) -> torch.Tensor | None:
         return None
 
 
-def _computed_buffers(model: torch.nn.Module) -> set[str]:
-    """Buffers a model computes from its config, which a graph may have folded away."""
+def _config_buffer_names(model: torch.nn.Module) -> set[str]:
+    """Names of the buffers a model computes from its config (by name: rotary ``inv_freq``,
+    ``position_ids``, ...), which a graph may have folded away. (A streamed checkpoint that lacks
+    them has their values rebuilt from the config: :mod:`rewriter.checkpoint.attach`.)"""
     return {
         name
         for name, _ in model.named_buffers()

@@ -16,6 +16,9 @@ does the tokenizer side, on the ``tokenizer.json`` form of a Hugging Face ``toke
 * ``remap_config_ids`` moves the special-token ids of a model or generation config the same way;
   ``encodes_identically`` measures how much of a text sample keeps its encoding.
 
+What each tokenizer model (BPE, WordPiece, Unigram, WordLevel) needs, reading ``tokenizer.json``
+and rebuilding its model part, is :mod:`rewriter.io.tokenizer_models`; this module is the driver.
+
 Example::
 
     >>> texts = corpus_lines[:1000]
@@ -32,18 +35,29 @@ import copy
 import itertools
 import json
 import operator
-from collections import defaultdict
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import numpy as np
 from tokenizers import Tokenizer
-from tokenizers.pre_tokenizers import ByteLevel
 
-from rewriter.errors import RewriterError
+from rewriter.io.tokenizer_models import (
+    SUPPORTED_MODELS,
+    TokenizerTrimError,
+    Vocab,
+    backend,
+    coverage_tokens,
+    merge_closure,
+    model_type,
+    model_unk_id,
+    read_vocab,
+    rebuild_model,
+    remapper,
+    require_supported,
+)
 
 __all__ = [
+    "SUPPORTED_MODELS",
     "TokenizerTrimError",
     "backend",
     "close",
@@ -55,8 +69,6 @@ __all__ = [
     "special_ids",
     "unk_id",
 ]
-
-SUPPORTED_MODELS = ("BPE", "Unigram", "WordLevel", "WordPiece")
 
 # Config fields that hold one token id (or, for eos, possibly a list of them).
 CONFIG_ID_FIELDS = (
@@ -97,81 +109,6 @@ _HF_SPECIAL_ATTRIBUTES = (
     "mask_token",
 )
 _HF_SETTINGS = ("model_max_length", "padding_side", "truncation_side", "model_input_names")
-_BYTE_PIECES = tuple(f"<0x{b:02X}>" for b in range(256))
-
-
-class TokenizerTrimError(RewriterError):
-    """A tokenizer cannot be trimmed as asked; the message names the token, id or type."""
-
-
-# ----------------------------------------------------------------------------------------------
-# Reading a tokenizer
-
-
-def backend(tokenizer: Any) -> Tokenizer:
-    """The ``tokenizers.Tokenizer`` behind ``tokenizer`` (itself, or a fast HF tokenizer's)."""
-    if isinstance(tokenizer, Tokenizer):
-        return tokenizer
-    inner = getattr(tokenizer, "backend_tokenizer", None)
-    if isinstance(inner, Tokenizer):
-        return inner
-    raise TokenizerTrimError(
-        f"cannot trim a {type(tokenizer).__module__}.{type(tokenizer).__qualname__}: vocabulary "
-        "trimming needs a fast tokenizer (a tokenizers.Tokenizer or a Hugging Face "
-        "PreTrainedTokenizerFast with a tokenizer.json)"
-    )
-
-
-def model_type(tokenizer: Any) -> str:
-    """The tokenizer model's kind: ``"BPE"``, ``"WordPiece"``, ``"Unigram"``, ``"WordLevel"``..."""
-    return type(backend(tokenizer).model).__name__
-
-
-@dataclass(frozen=True)
-class _Vocab:
-    """A parsed ``tokenizer.json`` with the id -> token table of the model and added tokens."""
-
-    spec: dict[str, Any]
-    tokens: list[str | None]  # old id -> token text, None where no token has that id
-    model_ids: dict[str, int]  # token text -> id in the model vocabulary
-
-    @property
-    def kind(self) -> str:
-        return str(self.spec["model"]["type"])
-
-    @property
-    def size(self) -> int:
-        return len(self.tokens)
-
-    def name(self, token_id: int) -> str:
-        """``"'hello' (id 123)"`` for messages."""
-        token = self.tokens[token_id] if 0 <= token_id < self.size else None
-        return f"{token!r} (id {token_id})" if token is not None else f"id {token_id}"
-
-
-def _read(tokenizer: Any) -> _Vocab:
-    spec = json.loads(backend(tokenizer).to_str())
-    model = spec["model"]
-    if model["type"] == "Unigram":
-        model_ids = {piece: i for i, (piece, _score) in enumerate(model["vocab"])}
-    else:
-        model_ids = dict(model.get("vocab") or {})
-    added = {entry["id"]: entry["content"] for entry in spec.get("added_tokens") or ()}
-    size = 1 + max([*model_ids.values(), *added, -1])
-    tokens: list[str | None] = [None] * size
-    for token, token_id in model_ids.items():
-        tokens[token_id] = token
-    for token_id, token in added.items():
-        tokens[token_id] = token
-    return _Vocab(spec, tokens, model_ids)
-
-
-def _require_supported(vocab: _Vocab) -> None:
-    if vocab.kind not in SUPPORTED_MODELS:
-        raise TokenizerTrimError(
-            f"tokenizer model type {vocab.kind!r} is not supported for vocabulary trimming; "
-            f"supported: {', '.join(SUPPORTED_MODELS)}"
-        )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -180,16 +117,16 @@ def _require_supported(vocab: _Vocab) -> None:
 
 def special_ids(tokenizer: Any) -> set[int]:
     """Ids of added/special tokens, post-processor tokens, padding, the unk token, HF specials."""
-    return _special_ids(_read(tokenizer), tokenizer)
+    return _special_ids(read_vocab(tokenizer), tokenizer)
 
 
-def _special_ids(vocab: _Vocab, tokenizer: Any) -> set[int]:
+def _special_ids(vocab: Vocab, tokenizer: Any) -> set[int]:
     spec = vocab.spec
     ids = {entry["id"] for entry in spec.get("added_tokens") or ()}
     ids.update(_post_processor_ids(spec.get("post_processor")))
     if spec.get("padding"):
         ids.add(spec["padding"]["pad_id"])
-    unk = _model_unk_id(vocab)
+    unk = model_unk_id(vocab)
     if unk is not None:
         ids.add(unk)
     if not isinstance(tokenizer, Tokenizer):
@@ -203,15 +140,7 @@ def unk_id(tokenizer: Any) -> int | None:
     hf = getattr(tokenizer, "unk_token_id", None)
     if isinstance(hf, int):
         return hf
-    return _model_unk_id(_read(tokenizer))
-
-
-def _model_unk_id(vocab: _Vocab) -> int | None:
-    model = vocab.spec["model"]
-    if vocab.kind == "Unigram":
-        return model.get("unk_id")
-    unk = model.get("unk_token")
-    return vocab.model_ids.get(unk) if unk is not None else None
+    return model_unk_id(read_vocab(tokenizer))
 
 
 def _post_processor_ids(processor: dict[str, Any] | None) -> list[int]:
@@ -227,58 +156,14 @@ def _post_processor_ids(processor: dict[str, Any] | None) -> list[int]:
 
 def required_ids(tokenizer: Any) -> set[int]:
     """Ids that keep the trimmed tokenizer able to encode any text, plus ``special_ids``."""
-    vocab = _read(tokenizer)
+    vocab = read_vocab(tokenizer)
     return _required_ids(vocab, tokenizer)
 
 
-def _required_ids(vocab: _Vocab, tokenizer: Any) -> set[int]:
+def _required_ids(vocab: Vocab, tokenizer: Any) -> set[int]:
     ids = _special_ids(vocab, tokenizer)
-    ids.update(vocab.model_ids[t] for t in _coverage_tokens(vocab) if t in vocab.model_ids)
+    ids.update(vocab.model_ids[t] for t in coverage_tokens(vocab) if t in vocab.model_ids)
     return ids
-
-
-def _coverage_tokens(vocab: _Vocab) -> Iterator[str]:
-    """Tokens without which some text would encode to unk, lose characters, or re-segment."""
-    model = vocab.spec["model"]
-    if model.get("byte_fallback"):
-        yield from _BYTE_PIECES
-    if vocab.kind == "BPE":
-        yield from _bpe_alphabet(vocab)
-    elif vocab.kind == "WordPiece":
-        prefix = model.get("continuing_subword_prefix", "##")
-        for token in vocab.model_ids:
-            if len(token) == 1 or (token.startswith(prefix) and len(token) == len(prefix) + 1):
-                yield token
-    elif vocab.kind == "Unigram" and model["vocab"]:
-        # The unk node's score is (lowest piece score - 10), recomputed on load: dropping the
-        # lowest-scoring piece would raise it and could let unk beat a path the original chose.
-        scores = np.array([score for _piece, score in model["vocab"]], dtype=np.float64)
-        yield model["vocab"][int(np.argmin(scores))][0]
-
-
-def _bpe_alphabet(vocab: _Vocab) -> Iterator[str]:
-    """The symbols BPE starts from: the byte alphabet, or every token no merge produces."""
-    model = vocab.spec["model"]
-    if _is_byte_level(vocab.spec):
-        prefix = model.get("continuing_subword_prefix") or ""
-        suffix = model.get("end_of_word_suffix") or ""
-        for char in ByteLevel.alphabet():
-            yield from {char, prefix + char, char + suffix, prefix + char + suffix}
-    elif not model.get("byte_fallback"):
-        produced = _merge_parents(model)
-        yield from (token for token in vocab.model_ids if token not in produced)
-
-
-def _is_byte_level(spec: dict[str, Any]) -> bool:
-    parts = [spec.get("pre_tokenizer"), spec.get("normalizer")]
-    while parts:
-        part = parts.pop()
-        if not part:
-            continue
-        if part.get("type") == "ByteLevel":
-            return True
-        parts.extend(part.get("pretokenizers") or part.get("normalizers") or ())
-    return False
 
 
 # ----------------------------------------------------------------------------------------------
@@ -303,16 +188,16 @@ def close(tokenizer: Any, ids: Iterable[int]) -> set[int]:
       score, derived from it, does not rise.
     * WordLevel looks whole words up: kept words keep their ids.
     """
-    vocab = _read(tokenizer)
-    _require_supported(vocab)
+    vocab = read_vocab(tokenizer)
+    require_supported(vocab)
     kept = _checked_ids(vocab, ids)
     kept |= _required_ids(vocab, tokenizer)
     if vocab.kind == "BPE":
-        kept = _merge_closure(vocab, kept)
+        kept = merge_closure(vocab, kept)
     return kept
 
 
-def _checked_ids(vocab: _Vocab, ids: Iterable[int]) -> set[int]:
+def _checked_ids(vocab: Vocab, ids: Iterable[int]) -> set[int]:
     """``ids`` as a set of ints, each naming a token of ``vocab``."""
     try:
         kept = {operator.index(i) for i in ids}
@@ -328,51 +213,19 @@ def _checked_ids(vocab: _Vocab, ids: Iterable[int]) -> set[int]:
     return kept
 
 
-def _merge_pairs(model: dict[str, Any]) -> Iterator[tuple[str, str]]:
-    """The BPE merges as pairs, from either format (``"a b"`` strings or ``[a, b]`` lists)."""
-    for merge in model.get("merges") or ():
-        parts = merge.split(" ") if isinstance(merge, str) else merge
-        if len(parts) != 2:
-            raise TokenizerTrimError(f"BPE merge {merge!r} does not have two parts")
-        yield parts[0], parts[1]
-
-
-def _merge_parents(model: dict[str, Any]) -> dict[str, list[tuple[str, str]]]:
-    """Token -> the merges ``(a, b)`` that produce it (the model strips the prefix from ``b``)."""
-    strip = len(model.get("continuing_subword_prefix") or "")
-    parents: dict[str, list[tuple[str, str]]] = defaultdict(list)
-    for a, b in _merge_pairs(model):
-        parents[a + b[strip:]].append((a, b))
-    return parents
-
-
-def _merge_closure(vocab: _Vocab, kept: set[int]) -> set[int]:
-    parents = _merge_parents(vocab.spec["model"])
-    closed = set(kept)
-    pending = [vocab.tokens[i] for i in kept]
-    while pending:
-        for pair in parents.get(pending.pop() or "", ()):
-            for part in pair:
-                part_id = vocab.model_ids[part]
-                if part_id not in closed:
-                    closed.add(part_id)
-                    pending.append(part)
-    return closed
-
-
 # ----------------------------------------------------------------------------------------------
 # Rebuild
 
 
 def rebuild(tokenizer: Any, kept: Sequence[int]) -> Any:
     """A tokenizer of the same kind with only ``kept`` (sorted old ids); new id = rank in kept."""
-    vocab = _read(tokenizer)
-    _require_supported(vocab)
+    vocab = read_vocab(tokenizer)
+    require_supported(vocab)
     kept_ids = _checked_kept(vocab, kept)
     old_to_new = _old_to_new(kept_ids, vocab.size)
-    remap = _remapper(vocab, old_to_new)
+    remap = remapper(vocab, old_to_new)
     spec = dict(vocab.spec)  # shallow: every part that changes is rebuilt, not edited in place
-    spec["model"] = _REBUILD_MODEL[vocab.kind](vocab, kept_ids, old_to_new)
+    spec["model"] = rebuild_model(vocab, kept_ids, old_to_new)
     spec["added_tokens"] = [
         {**entry, "id": int(old_to_new[entry["id"]])}
         for entry in spec.get("added_tokens") or ()
@@ -387,7 +240,7 @@ def rebuild(tokenizer: Any, kept: Sequence[int]) -> Any:
     return trimmed if isinstance(tokenizer, Tokenizer) else _wrap_like(tokenizer, trimmed)
 
 
-def _checked_kept(vocab: _Vocab, kept: Sequence[int]) -> list[int]:
+def _checked_kept(vocab: Vocab, kept: Sequence[int]) -> list[int]:
     kept_ids = [operator.index(i) for i in kept]
     if any(a >= b for a, b in itertools.pairwise(kept_ids)):
         raise TokenizerTrimError("kept ids must be sorted and unique: pass sorted(close(...))")
@@ -402,74 +255,6 @@ def _old_to_new(kept: Sequence[int], size: int) -> np.ndarray:
     table = np.full(max(size, (max(kept) + 1) if len(kept) else 0), -1, dtype=np.int64)
     table[np.asarray(kept, dtype=np.int64)] = np.arange(len(kept), dtype=np.int64)
     return table
-
-
-def _remapper(vocab: _Vocab, old_to_new: np.ndarray) -> Callable[[int, str], int]:
-    def remap(old: int, where: str) -> int:
-        new = int(old_to_new[old]) if 0 <= old < len(old_to_new) else -1
-        if new < 0:
-            raise TokenizerTrimError(f"{where} uses {vocab.name(old)}, which is not kept")
-        return new
-
-    return remap
-
-
-def _kept_model_vocab(vocab: _Vocab, kept: list[int], old_to_new: np.ndarray) -> dict[str, int]:
-    """Token -> new id for the kept tokens that belong to the model vocabulary."""
-    out: dict[str, int] = {}
-    for old in kept:
-        token = vocab.tokens[old]
-        if token is not None and vocab.model_ids.get(token) == old:
-            out[token] = int(old_to_new[old])
-    return out
-
-
-def _rebuild_bpe(vocab: _Vocab, kept: list[int], old_to_new: np.ndarray) -> dict[str, Any]:
-    model = dict(vocab.spec["model"])
-    model["vocab"] = new_vocab = _kept_model_vocab(vocab, kept, old_to_new)
-    parents = _merge_parents(model)
-    for token in new_vocab:
-        for a, b in parents.get(token, ()):
-            missing = a if a not in new_vocab else b if b not in new_vocab else None
-            if missing is not None:
-                raise TokenizerTrimError(
-                    f"kept ids are not closed under the BPE merges: {token!r} is kept but its "
-                    f"merge part {vocab.name(vocab.model_ids[missing])} is not; pass the result "
-                    "of close(tokenizer, ids)"
-                )
-    strip = len(model.get("continuing_subword_prefix") or "")
-    model["merges"] = [
-        merge
-        for merge, (a, b) in zip(model.get("merges") or (), _merge_pairs(model))
-        if a in new_vocab and b in new_vocab and a + b[strip:] in new_vocab
-    ]
-    return model
-
-
-def _rebuild_dict_vocab(vocab: _Vocab, kept: list[int], old_to_new: np.ndarray) -> dict[str, Any]:
-    model = dict(vocab.spec["model"])
-    model["vocab"] = _kept_model_vocab(vocab, kept, old_to_new)
-    unk = model.get("unk_token")
-    if unk is not None and unk in vocab.model_ids and unk not in model["vocab"]:
-        raise TokenizerTrimError(f"the model's unk token {unk!r} is not kept")
-    return model
-
-
-def _rebuild_unigram(vocab: _Vocab, kept: list[int], old_to_new: np.ndarray) -> dict[str, Any]:
-    model = dict(vocab.spec["model"])
-    pieces = model["vocab"]
-    model["vocab"] = [pieces[old] for old in kept if old < len(pieces)]
-    if model.get("unk_id") is not None:
-        model["unk_id"] = _remapper(vocab, old_to_new)(model["unk_id"], "the Unigram unk_id")
-    return model
-
-
-_REBUILD_MODEL: dict[str, Callable[[_Vocab, list[int], np.ndarray], dict[str, Any]]] = {
-    "BPE": _rebuild_bpe,
-    "Unigram": _rebuild_unigram,
-    "WordLevel": _rebuild_dict_vocab,
-    "WordPiece": _rebuild_dict_vocab,
-}
 
 
 def _map_post_processor(
@@ -499,7 +284,7 @@ def _map_post_processor(
     return out
 
 
-def _check_new_ids(vocab: _Vocab, trimmed: Tokenizer, kept: list[int]) -> None:
+def _check_new_ids(vocab: Vocab, trimmed: Tokenizer, kept: list[int]) -> None:
     """Every kept token must land on its rank: added tokens get ids in order, not from the file."""
     for new, old in enumerate(kept):
         token = vocab.tokens[old]

@@ -23,7 +23,7 @@ from collections.abc import Callable, Iterator, Sequence
 import torch
 import torch.fx
 
-from rewriter.ir.graph import get_tensor, set_tensor
+from rewriter.ir.tensors import get_tensor, set_tensor
 
 __all__ = ["Block", "Edit", "ModuleStore", "WeightStore", "weights"]
 

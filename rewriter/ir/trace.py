@@ -28,6 +28,7 @@ import torch.fx
 from torch.export import Dim
 
 from rewriter.errors import TraceError
+from rewriter.ir.tensors import owner_of
 
 __all__ = ["TRACE_INFO_KEY", "TraceInfo", "eval_mode", "max_positions", "trace", "trace_info"]
 
@@ -395,7 +396,7 @@ def _clone_weights(gm: torch.fx.GraphModule) -> None:
     """Replace every tensor attribute by a private clone; one clone per tensor keeps ties tied."""
     clones: dict[int, torch.Tensor] = {}
     for target in _tensor_attribute_paths(gm):
-        owner, field = _owner(gm, target)
+        owner, field = owner_of(gm, target)
         tensor = getattr(owner, field)
         clone = clones.get(id(tensor))
         if clone is None:
@@ -419,18 +420,10 @@ def _tensor_attribute_paths(gm: torch.fx.GraphModule) -> list[str]:
     paths += [name for name, _ in gm.named_buffers(remove_duplicate=False)]
     for node in gm.graph.nodes:
         if node.op == "get_attr" and node.target not in paths:
-            owner, field = _owner(gm, node.target)
+            owner, field = owner_of(gm, node.target)
             if isinstance(getattr(owner, field, None), torch.Tensor):
                 paths.append(node.target)
     return paths
-
-
-def _owner(gm: torch.nn.Module, target: str) -> tuple[torch.nn.Module, str]:
-    *path, field = target.split(".")
-    owner = gm
-    for part in path:
-        owner = getattr(owner, part)
-    return owner, field
 
 
 def _check_dynamic_dims_survived(

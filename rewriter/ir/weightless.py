@@ -22,7 +22,7 @@ import torch
 import torch.fx
 
 from rewriter.errors import RewriterError
-from rewriter.ir.graph import is_weightless
+from rewriter.ir.tensors import is_weightless
 from rewriter.ir.trace import trace
 
 __all__ = [

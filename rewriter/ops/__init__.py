@@ -14,11 +14,16 @@ Ops (one module per family):
   one power-of-two scale per group of inputs; the format is documented in :mod:`.quant`.
 * ``rewriter::linear_attention(q, k, v, phi_q, phi_k, key_mask, decay, window_gate, causal,
   window, scale, eps)`` (:mod:`.attention`): kernelized attention over feature maps, with an
-  optional softmax window sharing the normalizer (LoLCATs) and per-head decay; quadratic,
-  chunked and recurrent forms.
+  optional softmax window sharing the normalizer (LoLCATs) and per-head decay; quadratic and
+  chunked forms (:mod:`.attention_forms`), the recurrent form and the deployment ops
+  ``linear_attention_state`` / ``linear_attention_decode`` (:mod:`.attention_decode`).
 * ``rewriter::step_part(x, part)`` and ``rewriter::cache_point(x, layer, kind)``
   (:mod:`.deploy`): slicing and identity that mark where a causal LM's step graph is cut into
   prefill and decode graphs (:mod:`rewriter.deploy`).
+
+An op's parameters are written once, in its ``torch.library`` definition: its forms and fake
+kernels take them by name through :func:`signature_of`, passes order a new node's arguments
+with :meth:`OpContract.positional`, and backends read a node's with :func:`arguments`.
 """
 
 from __future__ import annotations
@@ -26,14 +31,17 @@ from __future__ import annotations
 from rewriter.ops.attention import linear_attention
 from rewriter.ops.contract import (
     OPS,
+    Arguments,
     OpContract,
     SampleSource,
     arguments,
+    bind,
     check_lowerable,
     decompose,
     decomposition_table,
     register,
     rewriter_nodes,
+    signature_of,
 )
 from rewriter.ops.deploy import cache_point, step_part
 from rewriter.ops.norms import GAUSSIAN_FACTOR, crms_norm, l1_norm
@@ -42,9 +50,11 @@ from rewriter.ops.quant import shiftquant_linear
 __all__ = [
     "GAUSSIAN_FACTOR",
     "OPS",
+    "Arguments",
     "OpContract",
     "SampleSource",
     "arguments",
+    "bind",
     "cache_point",
     "check_lowerable",
     "crms_norm",
@@ -55,5 +65,6 @@ __all__ = [
     "register",
     "rewriter_nodes",
     "shiftquant_linear",
+    "signature_of",
     "step_part",
 ]

@@ -17,8 +17,10 @@ Backends declare, as data, which ops they lower natively (:func:`check_lowerable
 from __future__ import annotations
 
 import dataclasses
+import functools
+import inspect
 import operator
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -28,13 +30,17 @@ from rewriter.errors import LoweringError
 
 __all__ = [
     "OPS",
+    "Arguments",
     "OpContract",
+    "OpFunction",
     "SampleSource",
     "arguments",
+    "bind",
     "check_lowerable",
     "decompose",
     "decomposition_table",
     "rewriter_nodes",
+    "signature_of",
 ]
 
 
@@ -87,6 +93,11 @@ class OpContract:
         """The op's argument names, in order (from its registered schema: declared once)."""
         return tuple(argument.name for argument in self.overload._schema.arguments)
 
+    def positional(self, **named: Any) -> tuple[Any, ...]:
+        """The op's arguments in schema order from ``named`` (defaults filled in): what a pass
+        hands ``Rewriter.call`` to create the op's node, without writing the order out."""
+        return tuple(bind(self.overload, (), named).values())
+
 
 OPS: dict[str, OpContract] = {}
 """Every ``rewriter::`` op, by name."""
@@ -98,29 +109,155 @@ def register(contract: OpContract) -> OpContract:
     return contract
 
 
-# --- lowering support ----------------------------------------------------------------------------
+# --- arguments by name ---------------------------------------------------------------------------
 
 
-def arguments(node: torch.fx.Node) -> dict[str, Any]:
+class Arguments(dict[str, Any]):
+    """An op call's arguments by schema name, in schema order; also readable as attributes
+    (``a.window`` is ``a["window"]``)."""
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+
+def _overload(op: str | torch._ops.OpOverload) -> torch._ops.OpOverload:
+    """``op`` itself, or the default overload of ``rewriter::<op>``."""
+    if isinstance(op, str):
+        return getattr(torch.ops.rewriter, op).default
+    return op
+
+
+def _bind(
+    schema: Sequence[Any],
+    args: Sequence[Any],
+    kwargs: Mapping[str, Any],
+    lacking: Callable[[str], Exception],
+) -> Arguments:
+    bound = Arguments()
+    for index, argument in enumerate(schema):
+        if index < len(args):
+            bound[argument.name] = args[index]
+        elif argument.name in kwargs:
+            bound[argument.name] = kwargs[argument.name]
+        elif argument.has_default_value():
+            bound[argument.name] = argument.default_value
+        else:
+            raise lacking(argument.name)
+    return bound
+
+
+def bind(
+    op: str | torch._ops.OpOverload,
+    args: Sequence[Any] = (),
+    kwargs: Mapping[str, Any] | None = None,
+) -> Arguments:
+    """A call's ``args`` and ``kwargs`` by the names of ``op``'s schema (``"linear_attention"``
+    for ``rewriter::linear_attention``, or an overload), defaults filled in; ``TypeError`` like
+    a Python call for too many, unknown or missing arguments."""
+    overload = _overload(op)
+    schema = overload._schema.arguments
+    kwargs = kwargs or {}
+    if len(args) > len(schema):
+        raise TypeError(f"{overload} takes {len(schema)} arguments, got {len(args)}")
+    names = [argument.name for argument in schema]
+    unknown = sorted(set(kwargs) - set(names))
+    twice = sorted(set(kwargs) & set(names[: len(args)]))
+    if unknown or twice:
+        problem = f"unknown arguments {unknown}" if unknown else f"arguments {twice} given twice"
+        raise TypeError(f"{overload}: {problem}")
+    return _bind(
+        schema, args, kwargs, lambda name: TypeError(f"{overload} lacks argument '{name}'")
+    )
+
+
+def arguments(node: torch.fx.Node) -> Arguments:
     """A ``rewriter::`` (or any ATen) op node's arguments by name, defaults filled in: backends
     and analyses read ``arguments(node)["causal"]``, never ``node.args[8]``, so an op's
     signature is written once, in its ``torch.library`` definition."""
     target = node.target
     if not isinstance(target, torch._ops.OpOverload):
         raise TypeError(f"node '{node.name}' calls {target!r}, not an op with a schema")
-    bound: dict[str, Any] = {}
-    for index, argument in enumerate(target._schema.arguments):
-        if index < len(node.args):
-            bound[argument.name] = node.args[index]
-        elif argument.name in node.kwargs:
-            bound[argument.name] = node.kwargs[argument.name]
-        elif argument.has_default_value():
-            bound[argument.name] = argument.default_value
-        else:
-            raise LoweringError(
-                f"{target} node '{node.name}' lacks argument '{argument.name}'", node
+    return _bind(
+        target._schema.arguments,
+        node.args,
+        node.kwargs,
+        lambda name: LoweringError(f"{target} node '{node.name}' lacks argument '{name}'", node),
+    )
+
+
+class OpFunction:
+    """A function that takes an op's arguments (see :func:`signature_of`).
+
+    Called like the op (positionally or by name), it binds the call by the op's schema and
+    passes the :class:`Arguments` on; keyword arguments that are not the op's (``chunk=``) go
+    to the function as they are. Its signature, for ``inspect`` and the docs, is the schema's.
+    """
+
+    def __init__(self, op: str, function: Callable[..., Any], first: str | None) -> None:
+        functools.update_wrapper(self, function)
+        self._op, self._function, self._first = op, function, first
+
+    @property
+    def parameters(self) -> tuple[str, ...]:
+        """The op's argument names, ``first`` moved to the front."""
+        names = tuple(a.name for a in _overload(self._op)._schema.arguments)
+        if self._first is None:
+            return names
+        return (self._first, *(n for n in names if n != self._first))
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        names = self.parameters
+        options = {key: kwargs.pop(key) for key in list(kwargs) if key not in names}
+        if self._first is not None:  # bind by the reordered names, then in schema order
+            if len(args) > len(names) or set(names[: len(args)]) & set(kwargs):
+                raise TypeError(
+                    f"{self.__name__}{self.__signature__} called with {len(args)} "
+                    f"positional arguments and {sorted(kwargs)}"
+                )
+            kwargs = {**dict(zip(names, args)), **kwargs}
+            args = ()
+        return self._function(bind(self._op, args, kwargs), **options)
+
+    @property
+    def __signature__(self) -> inspect.Signature:
+        schema = {a.name: a for a in _overload(self._op)._schema.arguments}
+        positional = [
+            inspect.Parameter(
+                name,
+                inspect.Parameter.POSITIONAL_OR_KEYWORD,
+                default=schema[name].default_value
+                if schema[name].has_default_value()
+                else inspect.Parameter.empty,
             )
-    return bound
+            for name in self.parameters
+        ]
+        options = [
+            p
+            for p in inspect.signature(self._function).parameters.values()
+            if p.kind is inspect.Parameter.KEYWORD_ONLY
+        ]
+        return inspect.Signature(positional + options)
+
+
+def signature_of(
+    op: str, *, first: str | None = None
+) -> Callable[[Callable[..., Any]], OpFunction]:
+    """Decorate ``function(a: Arguments, /, **options)`` to take ``rewriter::<op>``'s arguments.
+
+    The forms and fake kernels of an op write ``a.q``, ``a.window``: the parameter list is the
+    one the op's ``torch.library`` definition declares, never typed out again. ``first`` moves
+    one argument to the front (a decoding step takes its state first)."""
+
+    def wrap(function: Callable[..., Any]) -> OpFunction:
+        return OpFunction(op, function, first)
+
+    return wrap
+
+
+# --- lowering support ----------------------------------------------------------------------------
 
 
 def rewriter_nodes(gm: torch.fx.GraphModule) -> dict[str, list[torch.fx.Node]]:

@@ -1,27 +1,24 @@
 """Property-based verification (public API): is a rewritten graph equivalent to its model?
-
-``equivalence`` holds the tolerance rule, the hypothesis input strategies, ``compare`` and
-``assert_equivalent``; ``families`` the model families whose configs ``model_specs`` draws.
-Everything public is re-exported here, so ``rewriter.verify.assert_equivalent`` is the spelling
-users and the docs use. Built on the IR and the analyses; below the pipeline, which checks every
-exact pass with it.
+``measure`` holds the tolerance rule, ``ErrorReport`` and ``compare``; ``strategies`` the
+hypothesis strategies of valid graph inputs and of model configs (``model_specs``);
+``equivalence`` the property check ``assert_equivalent``; ``families`` the model families whose
+configs ``model_specs`` draws. Everything public is re-exported here, so
+``rewriter.verify.assert_equivalent`` is the spelling users and the docs use. Built on the IR and
+the analyses; below the pipeline, which checks every exact pass with it.
 """
 
 from rewriter.verify import families
-from rewriter.verify.equivalence import (
+from rewriter.verify.equivalence import assert_equivalent
+from rewriter.verify.measure import (
     ErrorReport,
-    InputSpec,
-    assert_equivalent,
     compare,
     compare_outputs,
     graph_reference,
-    input_specs,
-    inputs,
-    model_specs,
     outputs,
     run,
     tolerance,
 )
+from rewriter.verify.strategies import InputSpec, input_specs, inputs, model_specs
 
 __all__ = [
     "ErrorReport",
