@@ -213,3 +213,58 @@ def test_a_whole_model_from_token_ids_to_logits(tmp_path) -> None:
     with torch.no_grad():
         want = model(example[0]).logits.double()
     assert (got - want).abs().max() <= TOLERANCE
+
+
+class _ArgumentForms(torch.nn.Module):
+    """ATen calls in the forms a graph may hold but ``rewriter.trace`` does not write: a
+    positional ``alpha`` of ``add.Scalar`` / ``sub.Scalar``, a keyword ``alpha`` of ``sub.Tensor``,
+    a keyword ``bias`` of ``linear`` (``torch.fx.symbolic_trace`` keeps them as written)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        generator = torch.Generator().manual_seed(2)
+        self.weight = torch.nn.Parameter(torch.randn(5, 6, generator=generator) * 0.3)
+        self.bias = torch.nn.Parameter(torch.rand(5, generator=generator) + 1.0)
+
+    def forward(self, x, y):
+        aten = torch.ops.aten
+        return (
+            aten.add.Scalar(x, 0.75, 3),
+            aten.sub.Tensor(x, y, alpha=2),
+            aten.sub.Scalar(x, 0.5, 3),
+            aten.linear.default(x, self.weight, bias=self.bias),
+        )
+
+
+def test_aten_arguments_are_read_by_name(tmp_path) -> None:
+    # alpha and bias count however they are passed (positionally or by keyword)
+    from rewriter.backends import hls
+
+    model = _ArgumentForms()
+    gm = torch.fx.symbolic_trace(model)
+    generator = torch.Generator().manual_seed(3)
+    x, y = torch.randn(2, 6, generator=generator), torch.randn(2, 6, generator=generator)
+    hls.export(gm, (x, y), tmp_path)
+    gots = hls.csim(tmp_path, [x, y])
+    with torch.no_grad():
+        wants = [w.double() for w in model(x, y)]
+    forms = ["add.Scalar alpha", "sub.Tensor alpha", "sub.Scalar alpha", "linear bias"]
+    assert len(gots) == len(wants) == len(forms)
+    for form, got, want in zip(forms, gots, wants):
+        error = float((got - want).abs().max())
+        assert error <= rewriter.verify.tolerance(want, atol=TOLERANCE), (form, error)
+
+
+@pytest.mark.parametrize("name", ["alpha", "scale", "input_scale"])
+def test_elu_with_a_keyword_setting_other_than_one_is_refused(tmp_path, name) -> None:
+    # the tabulated ELU is elu(x) with every setting 1: a keyword 2.0 must not be dropped
+    from rewriter.backends import hls
+
+    class Elu(torch.nn.Module):
+        def forward(self, x):
+            return torch.ops.aten.elu.default(x, **{name: 2.0})
+
+    gm = torch.fx.symbolic_trace(Elu())
+    x = torch.randn(2, 5)
+    with pytest.raises(LoweringError, match="elu"):
+        hls.export(gm, (x,), tmp_path)

@@ -81,3 +81,35 @@ def test_cuda_registration_leaves_other_devices_on_the_reference() -> None:
         torch.ops.rewriter.crms_norm(x, 1e-5), rewriter.ops.OPS["crms_norm"].reference(x, 1e-5)
     )
     assert backend.NATIVE >= {"crms_norm", "l1_norm", "shiftquant_linear", "linear_attention"}
+
+
+class _NormThenAdd(torch.nn.Module):
+    """``rms_norm`` then ``add(y, bias, alpha=alpha)``: a bias add only when ``alpha`` is 1."""
+
+    def __init__(self, alpha: float) -> None:
+        super().__init__()
+        generator = torch.Generator().manual_seed(0)
+        self.weight = torch.nn.Parameter(torch.rand(6, generator=generator) + 0.5)
+        self.bias = torch.nn.Parameter(torch.randn(6, generator=generator) + 1.0)
+        self.alpha = alpha
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.nn.functional.rms_norm(x, (6,), self.weight, 1e-6)
+        return torch.add(y, self.bias, alpha=self.alpha)
+
+
+@pytest.mark.parametrize(("alpha", "fused"), [(1, True), (3, False)])
+def test_rms_norm_takes_only_a_plain_add_as_its_bias(alpha, fused) -> None:
+    # add(y, b, alpha=3) is y + 3 b: folding it into the RMSNorm as a bias would drop the 3
+    from rewriter.backends import triton as backend
+
+    model = _NormThenAdd(alpha)
+    x = torch.randn(3, 6, generator=torch.Generator().manual_seed(1))
+    gm = rewriter.trace(model, (x,))
+    compiled = backend.compile(gm, warn=False)
+    targets = [n.target for n in compiled.graph_module.graph.nodes if n.op == "call_function"]
+    assert targets.count(backend.rms_norm) == 1
+    assert (torch.ops.aten.add.Tensor not in targets) == fused, targets
+    with torch.no_grad():
+        got, want = compiled(x), model(x)
+    assert (got - want).abs().max() <= rewriter.verify.tolerance(want)

@@ -9,38 +9,29 @@ from typing import Any
 import numpy as np
 import onnx
 
+from rewriter.ops import Arguments, signature_of
+
 __all__ = ["linear_attention"]
 
 
-def linear_attention(
-    q: Any,
-    k: Any,
-    v: Any,
-    phi_q: Any,
-    phi_k: Any,
-    key_mask: Any,
-    decay: Any,
-    window_gate: Any,
-    causal: bool,
-    window: int,
-    scale: float,
-    eps: float,
-    *,
-    chunk: int = 64,
-) -> Any:
+@signature_of("linear_attention")
+def linear_attention(a: Arguments, /, *, chunk: int = 64) -> Any:
     """``rewriter::linear_attention`` in its chunked form with standard ops, any sequence length.
 
     The same computation as :func:`rewriter.ops.attention.linear_attention_chunked`: values carry
     a ones column (the normalizer); causal: chunks of ``chunk`` tokens, the masked product within
     a chunk and an exclusive prefix sum of per-chunk states across chunks (``CumSum``; with decay,
     an ``Einsum`` with the chunk-to-chunk decay matrix, exponents never positive); the softmax
-    window as a band of ``chunk + window`` keys gathered per chunk. Computed in float32.
+    window as a band of ``chunk + window`` keys gathered per chunk. Computed in float32. Takes
+    the op's arguments by its schema (:func:`rewriter.ops.signature_of`), like the exporter
+    passes them.
     """
     from onnxscript import opset18 as op
 
+    q, key_mask, decay, window, causal = a.q, a.key_mask, a.decay, a.window, a.causal
     f32 = onnx.TensorProto.FLOAT
-    qf, kf, vf = (op.Cast(t, to=f32) for t in (q, k, v))
-    fq, fk = op.Cast(phi_q, to=f32), op.Cast(phi_k, to=f32)
+    qf, kf, vf = (op.Cast(t, to=f32) for t in (q, a.k, a.v))
+    fq, fk = op.Cast(a.phi_q, to=f32), op.Cast(a.phi_k, to=f32)
     ones = op.Expand(
         op.Constant(value_float=1.0),
         op.Concat(op.Shape(vf, end=3), op.Constant(value_ints=[1]), axis=0),
@@ -65,9 +56,9 @@ def linear_attention(
                     values,
                     key_mask,
                     log_gamma,
-                    window_gate,
+                    a.window_gate,
                     int(window),
-                    float(scale),
+                    float(a.scale),
                     chunk,
                 ),
             )
@@ -76,7 +67,7 @@ def linear_attention(
     denominator = op.Slice(
         total, width, op.Add(width, op.Constant(value_ints=[1])), op.Constant(value_ints=[3])
     )
-    out = op.Div(numerator, op.Add(denominator, op.Constant(value_float=float(eps))))
+    out = op.Div(numerator, op.Add(denominator, op.Constant(value_float=float(a.eps))))
     return op.CastLike(out, q)
 
 

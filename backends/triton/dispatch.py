@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from rewriter import ops
+from rewriter.ops import Arguments, signature_of
 from rewriter.ops.quant import quantize_activations
 
 __all__ = [
@@ -67,6 +68,8 @@ def _on_kernel_device(x: torch.Tensor) -> bool:
 
 
 # --- dispatch functions (the ops' signatures) -----------------------------------------------------
+# The attention ops' arguments are bound by their schemas (``signature_of``): their parameter
+# lists live once, in the ops' ``torch.library`` definitions.
 
 
 def crms_norm(x: torch.Tensor, eps: float) -> torch.Tensor:
@@ -107,68 +110,36 @@ def shiftquant_linear(
     return kernel(x, packed, exponents, bias, bits, group, in_features)
 
 
-def linear_attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    phi_q: torch.Tensor,
-    phi_k: torch.Tensor,
-    key_mask: torch.Tensor | None,
-    decay: torch.Tensor | None,
-    window_gate: torch.Tensor | None,
-    causal: bool,
-    window: int,
-    scale: float,
-    eps: float,
-) -> torch.Tensor:
-    if window or not causal or not _on_kernel_device(q):
-        return ops.OPS["linear_attention"].decomposition(
-            q, k, v, phi_q, phi_k, key_mask, decay, window_gate, causal, window, scale, eps
-        )
+@signature_of("linear_attention")
+def linear_attention(a: Arguments) -> torch.Tensor:
+    if a.window or not a.causal or not _on_kernel_device(a.q):
+        return ops.OPS["linear_attention"].decomposition(**a)
     out = _kernel("linear_attention").linear_attention_chunked(
-        phi_q, phi_k, v, key_mask, decay, eps
+        a.phi_q, a.phi_k, a.v, a.key_mask, a.decay, a.eps
     )
-    return out.to(q.dtype)
+    return out.to(a.q.dtype)
 
 
-def linear_attention_state(
-    k: torch.Tensor,
-    v: torch.Tensor,
-    phi_k: torch.Tensor,
-    key_mask: torch.Tensor | None,
-    decay: torch.Tensor | None,
-    window: int,
-) -> list[torch.Tensor]:
-    if window or not _on_kernel_device(k):
-        return ops.OPS["linear_attention_state"].reference(k, v, phi_k, key_mask, decay, window)
+@signature_of("linear_attention_state")
+def linear_attention_state(a: Arguments) -> list[torch.Tensor]:
+    if a.window or not _on_kernel_device(a.k):
+        return ops.OPS["linear_attention_state"].reference(**a)
     _, state, normalizer = _kernel("linear_attention").linear_attention_chunked(
-        phi_k, phi_k, v, key_mask, decay, 0.0, write_output=False, return_state=True
+        a.phi_k, a.phi_k, a.v, a.key_mask, a.decay, 0.0, write_output=False, return_state=True
     )
     return [state, normalizer]
 
 
-def linear_attention_decode(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    phi_q: torch.Tensor,
-    phi_k: torch.Tensor,
-    key_valid: torch.Tensor | None,
-    decay: torch.Tensor | None,
-    window_gate: torch.Tensor | None,
-    state: list[torch.Tensor],
-    window: int,
-    scale: float,
-    eps: float,
-) -> list[torch.Tensor]:
-    if window or not _on_kernel_device(q) or state[0].dtype != torch.float32:
-        return ops.OPS["linear_attention_decode"].reference(
-            q, k, v, phi_q, phi_k, key_valid, decay, window_gate, state, window, scale, eps
-        )
+@signature_of("linear_attention_decode")
+def linear_attention_decode(a: Arguments) -> list[torch.Tensor]:
+    state = a.state
+    if a.window or not _on_kernel_device(a.q) or state[0].dtype != torch.float32:
+        return ops.OPS["linear_attention_decode"].reference(**a)
+    phi_q, phi_k, v = a.phi_q[:, :, 0], a.phi_k[:, :, 0], a.v[:, :, 0]  # the one token
     out, new_state, new_z = _kernel("linear_attention").linear_attention_decode(
-        state[0], state[1], phi_q[:, :, 0], phi_k[:, :, 0], v[:, :, 0], key_valid, decay, eps
+        state[0], state[1], phi_q, phi_k, v, a.key_valid, a.decay, a.eps
     )
-    return [out.unsqueeze(2).to(q.dtype), new_state, new_z]
+    return [out.unsqueeze(2).to(a.q.dtype), new_state, new_z]
 
 
 def rms_norm(
