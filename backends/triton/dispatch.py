@@ -68,46 +68,31 @@ def _on_kernel_device(x: torch.Tensor) -> bool:
 
 
 # --- dispatch functions (the ops' signatures) -----------------------------------------------------
-# The attention ops' arguments are bound by their schemas (``signature_of``): their parameter
-# lists live once, in the ops' ``torch.library`` definitions.
+# Each op's arguments are bound by its schema (``signature_of``): the parameter lists live once,
+# in the ops' ``torch.library`` definitions.
 
 
-def crms_norm(x: torch.Tensor, eps: float) -> torch.Tensor:
-    if not _on_kernel_device(x):
-        return ops.OPS["crms_norm"].reference(x, eps)
-    return _kernel("crms_norm").crms_norm(x, eps)
+@signature_of("crms_norm")
+def crms_norm(a: Arguments) -> torch.Tensor:
+    if not _on_kernel_device(a.x):
+        return ops.OPS["crms_norm"].reference(**a)
+    return _kernel("crms_norm").crms_norm(a.x, a.eps)
 
 
-def l1_norm(
-    x: torch.Tensor,
-    weight: torch.Tensor | None,
-    bias: torch.Tensor | None,
-    eps: float,
-    centered: bool,
-    factor: float,
-) -> torch.Tensor:
-    if not _on_kernel_device(x):
-        return ops.OPS["l1_norm"].reference(x, weight, bias, eps, centered, factor)
-    return _kernel("l1_norm").l1_norm(x, weight, bias, eps, centered, factor)
+@signature_of("l1_norm")
+def l1_norm(a: Arguments) -> torch.Tensor:
+    if not _on_kernel_device(a.x):
+        return ops.OPS["l1_norm"].reference(**a)
+    return _kernel("l1_norm").l1_norm(a.x, a.weight, a.bias, a.eps, a.centered, a.factor)
 
 
-def shiftquant_linear(
-    x: torch.Tensor,
-    packed: torch.Tensor,
-    exponents: torch.Tensor,
-    bias: torch.Tensor | None,
-    bits: int,
-    group: int,
-    in_features: int,
-    act_bits: int,
-) -> torch.Tensor:
-    if not _on_kernel_device(x):
-        reference = ops.OPS["shiftquant_linear"].reference
-        return reference(x, packed, exponents, bias, bits, group, in_features, act_bits)
-    if act_bits:
-        x = quantize_activations(x, act_bits)
+@signature_of("shiftquant_linear")
+def shiftquant_linear(a: Arguments) -> torch.Tensor:
+    if not _on_kernel_device(a.x):
+        return ops.OPS["shiftquant_linear"].reference(**a)
+    x = quantize_activations(a.x, a.act_bits) if a.act_bits else a.x
     kernel = _kernel("shiftquant_linear").shiftquant_linear
-    return kernel(x, packed, exponents, bias, bits, group, in_features)
+    return kernel(x, a.packed, a.exponents, a.bias, a.bits, a.group, a.in_features)
 
 
 @signature_of("linear_attention")
