@@ -207,7 +207,9 @@ def test_an_adapter_on_a_tied_head_unties_and_leaves_the_embedding(init: str, tm
     # the tied embedding table must keep its bits
     from transformers import GPT2LMHeadModel
 
-    spec = ModelSpec("gpt2", layers=1, vocab=100, tied=True)
+    # float64: with randomized factors the unmerged float32 graph rounds at the scale of the
+    # adapter terms, not of the logits (a drawn input once missed the float32 rule by 2x)
+    spec = ModelSpec("gpt2", layers=1, vocab=100, tied=True, dtype=torch.float64)
     model = spec.build()
     gm = rewriter.trace(model, spec.example_inputs(), dynamic_shapes="auto")
     before = fingerprint(model), graph_fingerprint(gm)
