@@ -30,6 +30,7 @@ from rewriter.analysis import adapters, vocab
 from rewriter.checkpoint import open_checkpoint, write_checkpoint
 from rewriter.context import PassContext
 from rewriter.errors import (
+    LoadError,
     LoweringError,
     PassError,
     PreconditionError,
@@ -153,6 +154,7 @@ def available_passes() -> list[str]:
 __all__ = [
     "Budget",
     "Edit",
+    "LoadError",
     "LoweringError",
     "Pass",
     "PassContext",

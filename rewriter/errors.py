@@ -116,3 +116,7 @@ class LoweringError(RewriterError):
         if node is not None:
             message = f"{message} (at node {describe_node(node)})"
         super().__init__(message)
+
+
+class LoadError(RewriterError, ValueError):
+    """A file ``rewriter.load`` refuses: not a graph archive, or content that could run code."""

@@ -29,6 +29,7 @@ from torch.utils import _pytree as pytree
 from rewriter.analysis.vocab import VOCAB_KEY, VocabMap, vocab_map
 from rewriter.checkpoint import bind
 from rewriter.errors import RewriterError
+from rewriter.io.archive import check_archive, output_type
 from rewriter.ir.tensors import alias_groups
 from rewriter.ir.trace import TRACE_INFO_KEY, TraceInfo, _plain_graph_module, trace_info
 from rewriter.verify import ErrorReport
@@ -92,7 +93,7 @@ def load(
 def _load(path: str | os.PathLike[str]) -> torch.fx.GraphModule:
     import rewriter.ops  # noqa: F401 - registers the rewriter:: ops before deserializing
 
-    _import_output_types(Path(path))
+    check_archive(path, _OUTPUTS_FILE)  # before torch reads it: nothing in it may run code
     extra = {_INFO_FILE: "", _EXAMPLES_FILE: "", _OUTPUTS_FILE: "", _VOCAB_FILE: ""}
     ep = torch.export.load(Path(path), extra_files=extra)
     gm = _plain_graph_module(ep)
@@ -196,34 +197,11 @@ def _spec_to_json(spec: pytree.TreeSpec) -> Any:
 
 
 def _spec_from_json(data: Any) -> pytree.TreeSpec:
-    import importlib
-
     if data is None:
         return pytree.treespec_leaf()
-    module, _, name = data["type"].rpartition(".")
-    cls = importlib.import_module(module)
-    for part in name.split("."):
-        cls = getattr(cls, part)
+    cls = output_type(data["type"])  # the allow-list; check_archive already resolved each
     children = [_spec_from_json(c) for c in data["children"]]
     return pytree.TreeSpec(cls, data["context"], children)
-
-
-def _import_output_types(path: Path) -> None:
-    """Import the modules of the output classes (their pytree registration happens on import)."""
-    import importlib
-    import zipfile
-
-    with zipfile.ZipFile(path) as archive:
-        entry = next((n for n in archive.namelist() if n.endswith(f"/extra/{_OUTPUTS_FILE}")), None)
-        if entry is None:
-            return
-        structure = json.loads(archive.read(entry))
-    stack = [structure]
-    while stack:
-        node = stack.pop()
-        if isinstance(node, dict):
-            importlib.import_module(node["type"].rpartition(".")[0])
-            stack.extend(node["children"])
 
 
 def _info_to_json(info: TraceInfo) -> dict[str, Any]:
