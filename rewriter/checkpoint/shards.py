@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from rewriter.errors import RewriterError
+from rewriter.errors import LoadError, RewriterError
 
 __all__ = ["DTYPES", "DTYPE_NAMES", "INDEX_FILE", "Entry", "Shards"]
 
@@ -65,15 +65,89 @@ def _header(path: Path) -> tuple[dict[str, Any], int]:
     with open(path, "rb") as f:
         raw = f.read(8)
         if len(raw) != 8:
-            raise RewriterError(f"{path}: not a safetensors file (shorter than 8 bytes)")
+            raise LoadError(f"{path}: not a safetensors file (shorter than 8 bytes)")
         (size,) = struct.unpack("<Q", raw)
         if size > 100 * 2**20:
-            raise RewriterError(f"{path}: not a safetensors file (header of {size} bytes)")
+            raise LoadError(f"{path}: not a safetensors file (header of {size} bytes)")
+        text = f.read(size)
         try:
-            header = json.loads(f.read(size))
+            header = json.loads(text)
         except ValueError as e:
-            raise RewriterError(f"{path}: not a safetensors file ({e})") from e
+            raise LoadError(f"{path}: not a safetensors file ({e})") from e
+    if len(text) != size or not isinstance(header, dict):
+        raise LoadError(f"{path}: not a safetensors file (truncated or malformed header)")
+    _validate(path, header, path.stat().st_size - 8 - size)
     return header, 8 + size
+
+
+def _validate(path: Path, header: dict[str, Any], data_bytes: int) -> None:
+    """Check a header as the ``safetensors`` library does before it trusts one: every tensor's
+    byte range matches its dtype and shape, the ranges tile the data section without gaps or
+    overlaps, and the data section ends where the file ends. A header that lies would otherwise
+    make one tensor's bytes another's (an overlapping pair was accepted before this check)."""
+    metadata = header.get("__metadata__")
+    if metadata is not None and not (
+        isinstance(metadata, dict) and all(isinstance(v, str) for v in metadata.values())
+    ):
+        raise LoadError(f"{path}: '__metadata__' must map names to strings")
+    ranges = []
+    for key, info in header.items():
+        if key == "__metadata__":
+            continue
+        where = f"{path}: tensor '{key}'"
+        if not isinstance(info, dict) or info.get("dtype") not in DTYPES:
+            dtype = info.get("dtype") if isinstance(info, dict) else info
+            raise LoadError(f"{where} has unsupported dtype {dtype}")
+        shape, offsets = info.get("shape"), info.get("data_offsets")
+        if not (isinstance(shape, list) and all(_natural(n) for n in shape)):
+            raise LoadError(f"{where}: shape {shape!r} is not a list of sizes")
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(map(_natural, offsets))):
+            raise LoadError(f"{where}: data_offsets {offsets!r} is not a [begin, end] pair")
+        begin, end = offsets
+        count = 1
+        for n in shape:
+            count *= n
+        nbytes = count * DTYPES[info["dtype"]].itemsize
+        if end - begin != nbytes:
+            raise LoadError(
+                f"{where}: data_offsets {offsets} hold {end - begin} bytes; "
+                f"{info['dtype']} {shape} needs {nbytes}"
+            )
+        ranges.append((begin, end, key))
+    position = 0
+    for begin, end, key in sorted(ranges):
+        if begin != position:
+            kind = "overlaps the tensor before it" if begin < position else "leaves a gap"
+            raise LoadError(f"{path}: tensor '{key}' at bytes {begin}..{end} {kind}")
+        position = end
+    if position != data_bytes:
+        raise LoadError(
+            f"{path}: the tensors end at byte {position} of a {data_bytes}-byte data section"
+        )
+
+
+def _natural(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _index_files(source: Path) -> list[Path]:
+    """The shards ``model.safetensors.index.json`` names: files inside ``source`` only."""
+    index = source / INDEX_FILE
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+        names = set(weight_map.values())
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise LoadError(f"{index}: not a safetensors index ({e})") from None
+    root = source.resolve()
+    files = []
+    for name in sorted(names):
+        file = (source / str(name)).resolve()
+        if not isinstance(name, str) or Path(name).is_absolute() or not file.is_relative_to(root):
+            raise LoadError(f"{index}: shard {name!r} is outside the model folder {source}")
+        if not file.is_file():
+            raise LoadError(f"{index}: shard {name!r} does not exist")
+        files.append(source / name)
+    return files
 
 
 class Shards:
@@ -85,9 +159,7 @@ class Shards:
         if source.is_dir():
             index = source / INDEX_FILE
             if index.exists():
-                files = sorted(
-                    {source / f for f in json.loads(index.read_text())["weight_map"].values()}
-                )
+                files = _index_files(source)
             else:
                 files = sorted(source.glob("*.safetensors"))
         else:
@@ -101,10 +173,8 @@ class Shards:
             header, data_start = _header(file)
             self.metadata.update(header.pop("__metadata__", None) or {})
             for key, info in header.items():
-                if info["dtype"] not in DTYPES:
-                    raise RewriterError(
-                        f"{file}: tensor '{key}' has unsupported dtype {info['dtype']}"
-                    )
+                if key in self.entries:
+                    raise LoadError(f"{file}: tensor '{key}' is also in {self.entries[key].file}")
                 lo, hi = info["data_offsets"]
                 self.entries[key] = Entry(
                     file,
